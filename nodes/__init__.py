@@ -1,0 +1,14 @@
+"""ComfyUI adapters: one module per concern, each exporting NODES, gathered into one extension here."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import guidance
+
+
+class FineXtractExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*guidance.NODES]
+
+
+async def comfy_entrypoint() -> FineXtractExtension:
+    return FineXtractExtension()

