@@ -1,11 +1,12 @@
 """Test set-up shared by the pure-core tests (tests/core) and the host tests (tests/host).
 
-The repository root is appended (not prepended) to sys.path so that ``finextract_core`` imports, while the pack's
+The repository root is appended (not prepended) to sys.path so that ``finextract_core`` (and the helpers in scripts/) import, while the pack's
 own ``nodes`` folder can never shadow ComfyUI's top-level ``nodes`` module, which the host puts first.
 """
 import os
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
+for path in (REPO_ROOT, os.path.join(REPO_ROOT, "scripts")):
+    if path not in sys.path:
+        sys.path.append(path)

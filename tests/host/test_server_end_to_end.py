@@ -1,0 +1,83 @@
+"""End to end through a real ComfyUI server on 127.0.0.1: checkpoint files -> loaders -> text encoders ->
+ModelGuidanceSampler -> VAEDecode -> SaveImage, for a DreamBooth pair and a LoRA pair; real PNGs come back."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+import tiny_models
+from comfy_server import ComfyServer, execution_error, saved_images
+
+SAMPLER_ID = "FineXtractModelGuidanceSampler"
+GUIDER_ID = "FineXtractModelGuidanceGuider"
+
+
+def attack_prompt(fine_tuned: list, prefix: str, mode: str = "finextract", scale: float = 3.0, k: float = -0.02,
+                  pretrained: list | None = None) -> dict:
+    """API-format graph: base checkpoint + a fine-tuned MODEL (node "ft"), sampled with model guidance and saved."""
+    return {
+        "base": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "base.safetensors"}},
+        "dreambooth": {"class_type": "UNETLoader",
+                       "inputs": {"unet_name": "dreambooth.safetensors", "weight_dtype": "default"}},
+        "lora": {"class_type": "LoraLoaderModelOnly",
+                 "inputs": {"model": ["base", 0], "lora_name": "style.safetensors", "strength_model": 1.0}},
+        "caption": {"class_type": "CLIPTextEncode", "inputs": {"text": "sks style", "clip": ["base", 1]}},
+        "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["base", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "sample": {"class_type": SAMPLER_ID, "inputs": {
+            "fine_tuned": fine_tuned, "pretrained": pretrained or ["base", 0], "positive": ["caption", 0],
+            "negative": ["empty", 0], "mode": mode, "guidance_scale": scale, "k": k, "latent_image": ["latent", 0],
+            "seed": 7, "steps": 4, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["base", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):  # host: tiny_models builds shapes with ComfyUI's own modules
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    with ComfyServer(base) as running:
+        unet = tiny_models.sd15_unet(seed=1)
+        tiny_models.save_sd15_checkpoint(f"{base}/models/checkpoints/base.safetensors", unet)
+        tiny_models.save_unet(f"{base}/models/diffusion_models/dreambooth.safetensors",
+                              tiny_models.fine_tune_of(unet, seed=2))
+        tiny_models.save_unet(f"{base}/models/loras/style.safetensors", tiny_models.attention_lora(unet, seed=3))
+        yield running
+
+
+def test_pack_nodes_are_served_with_tooltips(server):
+    info = server.get("/object_info")
+    for node_id in (SAMPLER_ID, GUIDER_ID):
+        assert node_id in info, f"{node_id} missing from /object_info"
+        required = info[node_id]["input"]["required"]
+        for name in ("fine_tuned", "pretrained", "positive", "negative", "mode", "guidance_scale", "k"):
+            assert required[name][1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert info[SAMPLER_ID]["input"]["required"]["guidance_scale"][1]["default"] == 3.0
+    assert info[SAMPLER_ID]["input"]["required"]["k"][1]["default"] == -0.02
+    assert info[SAMPLER_ID]["output"] == ["LATENT"]
+    assert info[GUIDER_ID]["output"] == ["GUIDER"]
+
+
+def test_dreambooth_and_lora_extractions_save_real_pngs(server):
+    images = {}
+    for case, fine_tuned in (("dreambooth", ["dreambooth", 0]), ("lora", ["lora", 0])):
+        entry = server.run(attack_prompt(fine_tuned, f"e2e_{case}"))
+        assert execution_error(entry) is None, execution_error(entry)
+        paths = saved_images(entry, server.base)
+        assert len(paths) == 2
+        images[case] = []
+        for path in paths:
+            with Image.open(path) as image:
+                assert image.format == "PNG" and image.size == (64, 64)
+                images[case].append(image.convert("RGB").tobytes())
+    assert images["dreambooth"] != images["lora"], "two different fine-tunes gave the same candidates"
+
+
+def test_bad_pair_is_a_clear_error_and_the_server_keeps_serving(server):
+    entry = server.run(attack_prompt(["base", 0], "e2e_same", pretrained=["base", 0]))
+    message = execution_error(entry)
+    assert message is not None and "same MODEL is connected to both" in message
+    entry = server.run(attack_prompt(["dreambooth", 0], "e2e_after_error", mode="cfg"))
+    assert execution_error(entry) is None, execution_error(entry)
+    assert len(saved_images(entry, server.base)) == 2
