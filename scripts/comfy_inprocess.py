@@ -1,0 +1,47 @@
+"""Import the real ComfyUI host into this process (on the CPU) with its built-in nodes and this pack registered.
+
+Used by the host tests and the benchmarks; the host comes from scripts/bootstrap_host.sh or FINEXTRACT_* variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+import types
+
+from comfy_server import PACK_FOLDER, read_host_env
+
+
+def load_host(threads: int = 1) -> types.SimpleNamespace:
+    settings = read_host_env()
+    comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
+    if not os.path.exists(os.path.join(comfy_root, "main.py")):
+        raise RuntimeError("No ComfyUI host: run scripts/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
+    # One thread is steadier and no slower on these 2-core machines (see the notes on the host).
+    import torch
+    torch.set_num_threads(threads)
+    if comfy_root not in sys.path:
+        sys.path.insert(0, comfy_root)
+    from comfy.cli_args import args
+    args.cpu = True
+    args.base_directory = settings["FINEXTRACT_BASE"]
+    import folder_paths
+    import utils.install_util  # noqa: F401 -- as main.py does, before nodes.py puts comfy/ (with utils.py) first
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    pack_path = os.path.join(folder_paths.get_folder_paths("custom_nodes")[0], PACK_FOLDER)
+    if not asyncio.run(nodes.load_custom_node(pack_path)):
+        raise RuntimeError(f"ComfyUI could not load the pack from {pack_path}; see the log above")
+    pack_name = pack_path.replace(".", "_x_")
+    return types.SimpleNamespace(
+        nodes=nodes,
+        folder_paths=folder_paths,
+        base=settings["FINEXTRACT_BASE"],
+        pack_name=pack_name,
+        guider=importlib.import_module(f"{pack_name}.nodes.guider"),
+        guidance_nodes=importlib.import_module(f"{pack_name}.nodes.guidance"),
+        core_guidance=importlib.import_module(f"{pack_name}.finextract_core.guidance"),
+    )
