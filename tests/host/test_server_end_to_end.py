@@ -6,43 +6,18 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-import tiny_models
 from comfy_server import ComfyServer, execution_error, saved_images
+from run_demo import attack_prompt, write_demo_models
 
 SAMPLER_ID = "FineXtractModelGuidanceSampler"
 GUIDER_ID = "FineXtractModelGuidanceGuider"
 
 
-def attack_prompt(fine_tuned: list, prefix: str, mode: str = "finextract", scale: float = 3.0, k: float = -0.02,
-                  pretrained: list | None = None) -> dict:
-    """API-format graph: base checkpoint + a fine-tuned MODEL (node "ft"), sampled with model guidance and saved."""
-    return {
-        "base": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "base.safetensors"}},
-        "dreambooth": {"class_type": "UNETLoader",
-                       "inputs": {"unet_name": "dreambooth.safetensors", "weight_dtype": "default"}},
-        "lora": {"class_type": "LoraLoaderModelOnly",
-                 "inputs": {"model": ["base", 0], "lora_name": "style.safetensors", "strength_model": 1.0}},
-        "caption": {"class_type": "CLIPTextEncode", "inputs": {"text": "sks style", "clip": ["base", 1]}},
-        "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["base", 1]}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-        "sample": {"class_type": SAMPLER_ID, "inputs": {
-            "fine_tuned": fine_tuned, "pretrained": pretrained or ["base", 0], "positive": ["caption", 0],
-            "negative": ["empty", 0], "mode": mode, "guidance_scale": scale, "k": k, "latent_image": ["latent", 0],
-            "seed": 7, "steps": 4, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["base", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
-    }
-
-
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):  # host: tiny_models builds shapes with ComfyUI's own modules
     base = str(tmp_path_factory.mktemp("comfy-base"))
+    write_demo_models(f"{base}/models")
     with ComfyServer(base) as running:
-        unet = tiny_models.sd15_unet(seed=1)
-        tiny_models.save_sd15_checkpoint(f"{base}/models/checkpoints/base.safetensors", unet)
-        tiny_models.save_unet(f"{base}/models/diffusion_models/dreambooth.safetensors",
-                              tiny_models.fine_tune_of(unet, seed=2))
-        tiny_models.save_unet(f"{base}/models/loras/style.safetensors", tiny_models.attention_lora(unet, seed=3))
         yield running
 
 

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: builds (or reuses) the ComfyUI host, then runs the demo extraction through a real ComfyUI server.
+# Extra arguments go to scripts/run_demo.py (--out DIR, --n0 N, --steps N).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$ROOT/scripts/bootstrap_host.sh"
+PY=$(sed -n 's/^FINEXTRACT_PYTHON=//p' "${FINEXTRACT_HOST_DIR:-$ROOT/.host}/host.env")
+exec "$PY" "$ROOT/scripts/run_demo.py" "$@"
