@@ -1,0 +1,52 @@
+"""Extraction metrics against values computed by hand."""
+import numpy as np
+import pytest
+
+from finextract_core.embeddings import Embeddings
+from finextract_core.metrics import extraction_metrics, metrics_from_similarity
+
+
+def test_metrics_hand_computed_values():
+    # 3 references x 2 extracted. Best per reference: 0.9 (match 1), 0.6 (match 0, exactly at the loose threshold),
+    # 0.65 (match 0, tie with match 1 -> smallest index).
+    similarity = np.array([[0.2, 0.9], [0.6, -0.1], [0.65, 0.65]])
+    metrics = metrics_from_similarity(similarity, model_id="m", preset="paper")
+    assert metrics.best_match == (1, 0, 0)
+    assert metrics.best_score == pytest.approx((0.9, 0.6, 0.65))
+    assert metrics.average_similarity == pytest.approx((0.9 + 0.6 + 0.65) / 3)
+    # "exceeds" is strict: 0.6 does not exceed 0.6.
+    assert metrics.extraction_success_rates == {0.6: pytest.approx(2 / 3), 0.7: pytest.approx(1 / 3)}
+    assert metrics_from_similarity(similarity, thresholds=[0.5]).extraction_success_rates == {0.5: 1.0}
+
+
+def test_metrics_table_outputs():
+    metrics = metrics_from_similarity(np.array([[0.75, 0.1], [0.3, 0.62]]), model_id="sscd_disc_large",
+                                      preset="paper")
+    assert metrics.to_csv().splitlines() == [
+        "reference,best_match,score,exceeds_0.6,exceeds_0.7",
+        "0,0,0.750000,1,1",
+        "1,1,0.620000,1,0",
+    ]
+    data = metrics.to_dict()
+    assert data["AS"] == pytest.approx(0.685)
+    assert data["A-ESR"] == {"0.6": 1.0, "0.7": 0.5}
+    assert data["per_reference"][1] == {"reference": 1, "best_match": 1, "score": 0.62}
+    assert '"model_id": "sscd_disc_large"' in metrics.to_json()
+
+
+def test_metrics_from_embeddings_and_space_check():
+    references = Embeddings(np.array([[1.0, 0.0], [0.0, 1.0]]), "sscd_disc_large", "paper")
+    extracted = Embeddings(np.array([[0.28, 0.96]]), "sscd_disc_large", "paper")
+    metrics = extraction_metrics(references, extracted)
+    assert metrics.best_score == pytest.approx((0.28, 0.96))
+    assert metrics.extraction_success_rates == {0.6: 0.5, 0.7: 0.5}
+    other_preset = Embeddings(np.array([[0.6, 0.8]]), "sscd_disc_large", "sscd")
+    with pytest.raises(ValueError, match="sscd_disc_large/preset paper .* vs sscd_disc_large/preset sscd"):
+        extraction_metrics(references, other_preset)
+    other_model = Embeddings(np.array([[0.6, 0.8]]), "sscd_disc_mixup", "paper")
+    with pytest.raises(ValueError, match="embed both with the same model and preset"):
+        extraction_metrics(references, other_model)
+    with pytest.raises(ValueError, match="norm"):
+        Embeddings(np.array([[3.0, 4.0]]), "m", "paper")
+    with pytest.raises(ValueError, match="NaN"):
+        Embeddings(np.array([[np.nan, 1.0]]), "m", "paper")
