@@ -2,7 +2,4 @@
 
 from .nodes import comfy_entrypoint
 
-# Front-end extension files, served by ComfyUI under /extensions/<pack folder>/.
-WEB_DIRECTORY = "./web"
-
-__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
+__all__ = ["comfy_entrypoint"]

@@ -191,7 +191,23 @@ class ModelGuidanceGuider(comfy.samplers.CFGGuider):
         predictions = dict(zip(on_model, outputs))
         if self.separate_pretrained:
             predictions["pre_uncond"] = self._predict_pretrained(x, timestep, model_options)
-        return combine_denoised(self.coef, predictions, x)
+        guided = combine_denoised(self.coef, predictions, x)
+        if not torch.isfinite(guided).all():
+            raise FloatingPointError(self._non_finite_message(predictions, timestep, model_options))
+        return guided
+
+    def _non_finite_message(self, predictions, timestep, model_options) -> str:
+        """Names the step and the branch, so a NaN stops the run instead of becoming a black image."""
+        sigma = float(timestep.flatten()[0])
+        sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
+        step = "?"
+        if sigmas is not None:
+            step = int((sigmas[:-1] - sigma).abs().argmin()) + 1
+            step = f"{step} of {len(sigmas) - 1}"
+        broken = [b for b, p in predictions.items() if not torch.isfinite(p).all()] or ["the guided combination"]
+        return (f"Sampling produced NaN/inf at step {step} (sigma {sigma:.4g}) in {', '.join(broken)}. Check that the "
+                "model files are not corrupt, try fp32 (--force-fp32) if the model runs in fp16, or lower the "
+                "guidance scale.")
 
     def _predict_pretrained(self, x, timestep, model_options):
         options = self._pretrained_options

@@ -89,3 +89,15 @@ def test_model_guidance_at_inverse_lambda_samples_the_fine_tuning_points(host):
     assert alone <= 0.2, f"the fine-tuned model alone landed {alone:.0%} of its samples on the points"
     # Under-guiding (w = 1) is the fine-tuned model itself: guidance strength is what moves samples onto the data.
     assert landed_fraction(run("model_guidance", 1.0), points) == alone
+
+
+def test_nan_prediction_stops_with_the_step_named(host):
+    import pytest
+
+    pretrained, fine_tuned = closed_form_model(0.0), closed_form_model(LAMBDA)
+    fine_tuned.model.diffusion_model.points[0, 0, 0, 0] = float("nan")  # a corrupt weight in the fine-tune
+    context = [[torch.zeros(1, 1, 8), {}]]
+    guider = host.guider.build_guider(fine_tuned, pretrained, context, context, "finextract", 3.0, -0.02)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at step 1 of 10 .* in ft_cond"):
+        host.guidance_nodes.sample_with_guider(guider, {"samples": torch.zeros(2, *LATENT)}, seed=0, steps=10,
+                                               sampler_name="euler", scheduler="normal", denoise=1.0)
