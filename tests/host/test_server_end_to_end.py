@@ -56,3 +56,23 @@ def test_bad_pair_is_a_clear_error_and_the_server_keeps_serving(server):
     entry = server.run(attack_prompt(["dreambooth", 0], "e2e_after_error", mode="cfg"))
     assert execution_error(entry) is None, execution_error(entry)
     assert len(saved_images(entry, server.base)) == 2
+
+
+def test_cancel_from_comfyui_interrupts_sampling(server):
+    """POST /interrupt stops the sampler between steps, as for KSampler, and the next prompt runs."""
+    import time
+
+    prompt_id = server.queue(attack_prompt(["lora", 0], "e2e_cancel", steps=2000))
+    deadline = time.monotonic() + 60
+    while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # inside the sampling loop
+    started = time.monotonic()
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=120)
+    assert time.monotonic() - started < 60, "the interrupt was not honoured between steps"
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert not saved_images(entry, server.base)
+    entry = server.run(attack_prompt(["lora", 0], "e2e_after_cancel"))
+    assert execution_error(entry) is None and len(saved_images(entry, server.base)) == 2
