@@ -2,12 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import guidance
+from . import clustering, embedding, evaluation, guidance
 
 
 class FineXtractExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*guidance.NODES]
+        return [*guidance.NODES, *embedding.NODES, *clustering.NODES, *evaluation.NODES]
 
 
 async def comfy_entrypoint() -> FineXtractExtension:

@@ -1,0 +1,122 @@
+"""Metrics against reference images: AS, A-ESR, a per-reference table and a side-by-side grid; and a folder loader."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw, ImageOps
+
+from ..finextract_core import metrics
+from .types import Embeddings
+
+CATEGORY = "FineXtract/evaluation"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Every image in ``folder`` (sorted by name), centre-cropped to a ``size`` square, as an IMAGE batch."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"reference folder '{folder}' does not exist: give the full path of a folder of images")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+    batch = []
+    for name in names:
+        try:
+            with Image.open(os.path.join(folder, name)) as image:
+                square = ImageOps.fit(ImageOps.exif_transpose(image).convert("RGB"), (size, size), Image.BICUBIC)
+        except OSError as error:
+            raise ValueError(f"cannot read '{name}' in '{folder}' ({error}): remove or replace the file") from error
+        batch.append(torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0))
+    return torch.stack(batch), names
+
+
+def comparison_grid(references: torch.Tensor, extracted: torch.Tensor, result: metrics.ExtractionMetrics,
+                    thresholds: tuple[float, float], cell: int = 256) -> torch.Tensor:
+    """One row per reference, best score first: reference | best extracted match | score (green above strict)."""
+    order = sorted(range(len(result.best_score)), key=lambda i: -result.best_score[i])
+    loose, strict = thresholds
+    rows = []
+    for i in order:
+        score = result.best_score[i]
+        row = Image.new("RGB", (3 * cell, cell), "white")
+        for column, tensor in enumerate((references[i], extracted[result.best_match[i]])):
+            picture = Image.fromarray((tensor.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+            row.paste(picture.resize((cell, cell), Image.BICUBIC), (column * cell, 0))
+        colour = (0, 140, 0) if score > strict else (200, 120, 0) if score > loose else (180, 0, 0)
+        draw = ImageDraw.Draw(row)
+        draw.text((2 * cell + 12, cell // 2 - 20), f"{score:.3f}", fill=colour, font_size=cell // 6)
+        draw.text((2 * cell + 12, cell // 2 + 30), f"ref {i} / match {result.best_match[i]}", fill="black")
+        rows.append(torch.from_numpy(np.asarray(row, dtype=np.float32) / 255.0))
+    return torch.cat(rows, dim=0).unsqueeze(0)
+
+
+class ExtractionMetrics(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractExtractionMetrics",
+            display_name="Extraction Metrics (FineXtract)",
+            category=CATEGORY,
+            description="How close the extracted images are to reference images (the training set, or an artist's "
+                        "own images): AS and A-ESR as in the paper, per-reference best matches, and a grid.",
+            inputs=[
+                io.Image.Input("references", tooltip="Reference images (Load Reference Images)."),
+                Embeddings.Input("reference_embeddings", tooltip="Their descriptors (same model and preset as below)."),
+                io.Image.Input("extracted", tooltip="The extracted images (Clique Cluster)."),
+                Embeddings.Input("extracted_embeddings", tooltip="Their descriptors."),
+                io.Float.Input("loose_threshold", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="A-ESR counts a reference as extracted when its best similarity exceeds this "
+                               "(0.6 in the paper)."),
+                io.Float.Input("strict_threshold", default=0.7, min=0.0, max=1.0, step=0.01,
+                               tooltip="The strict A-ESR threshold (0.7 in the paper)."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="AS"),
+                io.Float.Output(display_name="A_ESR_loose"),
+                io.Float.Output(display_name="A_ESR_strict"),
+                io.String.Output(display_name="table_csv"),
+                io.String.Output(display_name="metrics_json"),
+                io.Image.Output(display_name="grid"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, references, reference_embeddings, extracted, extracted_embeddings, loose_threshold,
+                strict_threshold) -> io.NodeOutput:
+        if references.shape[0] != len(reference_embeddings) or extracted.shape[0] != len(extracted_embeddings):
+            raise ValueError("each image batch must come with the embeddings of that same batch, in the same order")
+        result = metrics.extraction_metrics(reference_embeddings, extracted_embeddings,
+                                            (loose_threshold, strict_threshold))
+        rates = result.extraction_success_rates
+        grid = comparison_grid(references, extracted, result, (loose_threshold, strict_threshold))
+        return io.NodeOutput(result.average_similarity, rates[float(loose_threshold)], rates[float(strict_threshold)],
+                             result.to_csv(), result.to_json(), grid)
+
+
+class LoadReferenceImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractLoadReferenceImages",
+            display_name="Load Reference Images (FineXtract)",
+            category=CATEGORY,
+            description="Every image in a folder, centre-cropped to a square, sorted by file name.",
+            inputs=[
+                io.String.Input("folder", default="", tooltip="Full path of a folder of reference images."),
+                io.Int.Input("size", default=512, min=16, max=4096, tooltip="Side of the square each image is "
+                             "cropped and resized to (SSCD's paper preset then takes 224 px)."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="file_names")],
+        )
+
+    @classmethod
+    def execute(cls, folder, size) -> io.NodeOutput:
+        images, names = load_folder(folder, size)
+        return io.NodeOutput(images, "\n".join(names))
+
+
+NODES = [ExtractionMetrics, LoadReferenceImages]
