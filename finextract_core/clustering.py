@@ -41,6 +41,7 @@ from typing import Sequence, Union
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.sparse.csgraph import connected_components
 
 from .embeddings import Embeddings, check_unit_rows
 
@@ -49,8 +50,9 @@ SIMILARITY_SCALE = 100_000  # similarities become integers in units of 1e-5
 THRESHOLD_STEP = SIMILARITY_SCALE // 100  # the paper's +0.01
 START_PERCENTILE = 25
 DEFAULT_MIN_CLIQUE_SIZE = 2
-# Steps (search nodes + vertices coloured) one maximum-clique search may use: ~0.1-0.3 s of Python here. Graphs
-# of well separated candidates need far fewer; dense low-threshold graphs need astronomically more.
+# Steps (search nodes + vertices coloured) one maximum-clique search may use: ~0.1-0.2 s of Python on the 2-core
+# development machine. Graphs of well separated candidates need far fewer; dense low-threshold graphs need
+# astronomically more (the paper's code times out there).
 DEFAULT_WORK_BUDGET = 60_000
 
 VectorsLike = Union[Embeddings, np.ndarray, Sequence[Sequence[float]]]
@@ -239,7 +241,6 @@ def greedy_clique_partition(adjacency: np.ndarray, min_size: int = 1,
     """
     adjacency = np.asarray(adjacency, dtype=bool).copy()
     np.fill_diagonal(adjacency, False)
-    from scipy.sparse.csgraph import connected_components
     _, labels = connected_components(adjacency, directed=False)
     cliques = []
     for component in _components_in_index_order(labels):
