@@ -1,4 +1,5 @@
-"""SSCDEmbed: candidate and reference images -> SSCD descriptors, with the weights the user put in models/sscd/."""
+"""Image batches -> EMBEDDINGS: SSCD (the paper's copy detector) from models/sscd/, or a CLIP image tower through
+open-clip-torch from models/open_clip/, for users who prefer CLIP similarity."""
 
 from __future__ import annotations
 
@@ -8,20 +9,22 @@ import comfy.model_management
 import folder_paths
 from comfy_api.latest import io
 
-from ..finextract_core import sscd
+from ..finextract_core import clip_embed, sscd
 from .types import Embeddings
 
 CATEGORY = "FineXtract/similarity"
 SSCD_FOLDER = "sscd"
-SSCD_EXTENSIONS = {".pt", ".pth", ".safetensors"}
+CLIP_FOLDER = "open_clip"
+WEIGHT_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
 NO_FILE = "(no SSCD file in models/sscd)"
+NO_CLIP_FILE = "(no CLIP file in models/open_clip)"
 DOWNLOAD = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt"
 
 
-def register_sscd_folder() -> None:
-    """models/sscd/ as a model folder (extra_model_paths.yaml can add more under the key 'sscd')."""
-    folder_paths.add_model_folder_path(SSCD_FOLDER, os.path.join(folder_paths.models_dir, SSCD_FOLDER), is_default=True)
-    folder_paths.folder_names_and_paths[SSCD_FOLDER][1].update(SSCD_EXTENSIONS)
+def register_model_folder(name: str) -> None:
+    """models/<name>/ as a model folder (extra_model_paths.yaml can add more under the key <name>)."""
+    folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+    folder_paths.folder_names_and_paths[name][1].update(WEIGHT_EXTENSIONS)
 
 
 def missing_file_message(name: str) -> str:
@@ -30,23 +33,39 @@ def missing_file_message(name: str) -> str:
             f"{DOWNLOAD}, or sscd_disc_mixup.torchscript.pt from the same address) and press 'r' to refresh the list.")
 
 
-register_sscd_folder()
+register_model_folder(SSCD_FOLDER)
+register_model_folder(CLIP_FOLDER)
 
 
-class _ModelCache:
-    """Keeps the last SSCD model, keyed by file identity, so re-running a workflow does not reload 100-200 MB."""
+class _LastModel:
+    """Keeps the last model loaded, keyed by file identity and settings, so re-running a workflow does not reload
+    100-200 MB each time."""
 
-    key = None
-    model = None
+    def __init__(self, load):
+        self.load = load
+        self.key = None
+        self.model = None
 
-    @classmethod
-    def get(cls, path: str) -> sscd.SSCDModel:
+    def get(self, path: str, *settings):
         stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        if cls.key != key:
-            cls.model = sscd.load_sscd_model(path, device="cpu")
-            cls.key = key
-        return cls.model
+        key = (path, stat.st_size, stat.st_mtime_ns, *settings)
+        if self.key != key:
+            self.model = self.load(path, *settings)
+            self.key = key
+        return self.model
+
+
+_sscd_models = _LastModel(lambda path: sscd.load_sscd_model(path, device="cpu"))
+_clip_models = _LastModel(lambda path, architecture, quick_gelu: clip_embed.load_clip_embedder(
+    architecture, path, quick_gelu=quick_gelu, device="cpu"))
+
+
+def _embed_on_device(model, embed):
+    """Runs ``embed(device)`` on ComfyUI's device, and gives the memory back afterwards."""
+    try:
+        return embed(comfy.model_management.get_torch_device())
+    finally:
+        model.to(comfy.model_management.unet_offload_device())
 
 
 class SSCDEmbed(io.ComfyNode):
@@ -76,13 +95,44 @@ class SSCDEmbed(io.ComfyNode):
         path = folder_paths.get_full_path(SSCD_FOLDER, sscd_model) if sscd_model != NO_FILE else None
         if path is None:
             raise FileNotFoundError(missing_file_message(sscd_model))
-        model = _ModelCache.get(path)
-        device = comfy.model_management.get_torch_device()
-        try:
-            embeddings = sscd.embed_images(model, images, preset, batch_size=batch_size, device=device)
-        finally:
-            model.to(comfy.model_management.unet_offload_device())
-        return io.NodeOutput(embeddings)
+        model = _sscd_models.get(path)
+        return io.NodeOutput(_embed_on_device(
+            model, lambda device: sscd.embed_images(model, images, preset, batch_size=batch_size, device=device)))
 
 
-NODES = [SSCDEmbed]
+class OpenCLIPEmbed(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractOpenCLIPEmbed",
+            display_name="CLIP Embed (FineXtract)",
+            category=CATEGORY,
+            description="CLIP image embeddings through open-clip-torch, an alternative to SSCD with the same "
+                        "EMBEDDINGS output (embeddings of different models are never compared with each other).",
+            inputs=[
+                io.Image.Input("images", tooltip="Candidates, extracted images or reference images."),
+                io.Combo.Input("clip_weights", options=folder_paths.get_filename_list(CLIP_FOLDER) or [NO_CLIP_FILE],
+                               tooltip="open_clip weights in models/open_clip/ (.safetensors, or a .bin/.pt state "
+                               "dict), for example open_clip_pytorch_model.bin of laion/CLIP-ViT-B-32-laion2B-s34B-b79K."),
+                io.String.Input("architecture", default="ViT-B-32",
+                                tooltip="The open_clip architecture of those weights (ViT-B-32, ViT-L-14, RN50, ...)."),
+                io.Boolean.Input("quick_gelu", default=False,
+                                 tooltip="On for OpenAI's original CLIP weights, off for LAION/DataComp ones."),
+                io.Int.Input("batch_size", default=32, min=1, max=1024, tooltip="Images per forward pass."),
+            ],
+            outputs=[Embeddings.Output(display_name="embeddings")],
+        )
+
+    @classmethod
+    def execute(cls, images, clip_weights, architecture, quick_gelu, batch_size) -> io.NodeOutput:
+        path = folder_paths.get_full_path(CLIP_FOLDER, clip_weights) if clip_weights != NO_CLIP_FILE else None
+        if path is None:
+            folders = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))
+            raise FileNotFoundError(f"CLIP weights '{clip_weights}' not found: put open_clip weights in {folders} "
+                                    "and press 'r' to refresh the list.")
+        model = _clip_models.get(path, architecture, quick_gelu)
+        return io.NodeOutput(_embed_on_device(
+            model, lambda device: clip_embed.embed_images_clip(model, images, batch_size=batch_size, device=device)))
+
+
+NODES = [SSCDEmbed, OpenCLIPEmbed]
