@@ -1,0 +1,107 @@
+"""The proving-ground world's pure parts: tokens, data, modules, training and descriptors, on a tiny world."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from finextract_core.world import store
+from finextract_core.world.data import procedural_batch, split_concepts
+from finextract_core.world.similarity import highpass_embeddings, pixel_embeddings
+from finextract_core.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
+from finextract_core.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names, fine_tune,
+                                            kohya_key, merge_lora)
+from finextract_core.world.unet import UNetConfig
+
+TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
+                       text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return store.build_or_load(str(tmp_path_factory.mktemp("world")), TINY)
+
+
+def test_captions_tokenize_to_a_fixed_length_and_unknown_words_fail():
+    ids = tokenize(concept_caption(0))
+    assert ids.shape == (CONTEXT_LENGTH,) and [VOCABULARY[i] for i in ids[:5]] == ["<bos>", "a", "sks", "photo", "<eos>"]
+    assert [VOCABULARY[i] for i in tokenize("")[:2]] == ["<bos>", "<eos>"]
+    with pytest.raises(ValueError, match="not in the world's vocabulary"):
+        tokenize("a dog photo")
+
+
+def test_procedural_data_is_seeded_and_in_range():
+    first, captions = procedural_batch(np.random.default_rng(5), 16)
+    again, captions_again = procedural_batch(np.random.default_rng(5), 16)
+    assert first.shape == (16, 3, 32, 32) and first.dtype == np.float32
+    assert np.array_equal(first, again) and captions == captions_again
+    assert first.min() >= -1 and first.max() <= 1
+    assert all(c == "" or len(c.split()) == 4 for c in captions)
+
+
+def test_concepts_take_consecutive_files():
+    assert split_concepts(list("abcdefg"), 2, 3) == [list("abc"), list("def")]
+    with pytest.raises(ValueError, match="need 8 images"):
+        split_concepts(list("abcdefg"), 2, 4)
+
+
+def test_unet_predicts_an_image_shaped_eps_and_names_attention_like_sd(tiny_world):
+    x = torch.randn(2, 3, 32, 32)
+    context = tiny_world.text_encoder.encode(concept_caption(1)).expand(2, -1, -1)
+    with torch.no_grad():
+        assert tiny_world.unet(x, torch.tensor([10.0, 900.0]), context).shape == x.shape
+    names = attention_projection_names(tiny_world.unet)
+    assert "input_blocks.1.1.transformer_blocks.0.attn2.to_q" in names
+    assert "middle_block.1.transformer_blocks.0.attn1.to_out.0" in names
+
+
+def test_same_spec_same_world_and_the_cache_is_reused(tiny_world, tmp_path):
+    rebuilt = store.build_or_load(str(tmp_path / "again"), TINY)
+    for name, value in tiny_world.unet.state_dict().items():
+        assert torch.equal(value, rebuilt.unet.state_dict()[name]), name
+    reloaded = store.build_or_load(tiny_world.folder, TINY)  # loads, does not retrain
+    assert torch.equal(reloaded.text_encoder.position_embedding, tiny_world.text_encoder.position_embedding)
+    other = dataclasses.replace(TINY, seed=4)
+    with pytest.raises(ValueError, match="holds a different world"):
+        store.build_or_load(tiny_world.folder, other)
+
+
+def test_lora_fine_tune_has_kohya_keys_for_every_attention_projection(tiny_world):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    lora = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
+                     FineTuneSettings(steps=2, lr=1e-2, rank=2), TINY.schedule, seed=0)
+    expected = {kohya_key(p) for p in attention_projection_names(tiny_world.unet)}
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora} == expected
+    key = kohya_key("input_blocks.1.1.transformer_blocks.0.attn2.to_k")
+    assert lora[f"{key}.lora_down.weight"].shape == (2, 32) and lora[f"{key}.lora_up.weight"].shape == (16, 2)
+    assert float(lora[f"{key}.alpha"]) == 2.0
+    merged = merge_lora(tiny_world.unet, lora)
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([500.0])
+    context = tiny_world.text_encoder.encode(concept_caption(0))
+    with torch.no_grad():
+        assert not torch.allclose(merged(x, t, context), tiny_world.unet(x, t, context))
+
+
+def test_dreambooth_fine_tune_is_deterministic_and_leaves_the_base_alone(tiny_world):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    before = {k: v.clone() for k, v in tiny_world.unet.state_dict().items()}
+    runs = [fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
+                      FineTuneSettings(steps=2, lr=1e-3), TINY.schedule, seed=1) for _ in range(2)]
+    assert runs[0].keys() == before.keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in before)
+    assert all(torch.equal(before[k], v) for k, v in tiny_world.unet.state_dict().items())
+    assert any(not torch.equal(before[k], runs[0][k]) for k in before)
+
+
+def test_highpass_descriptor_ignores_colour_layout_that_pixels_see():
+    rng = np.random.default_rng(0)
+    detail = torch.from_numpy(rng.uniform(0, 1, (1, 3, 32, 32)))
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    images = torch.cat([detail, 0.5 * detail + 0.5 * ramp, ramp, torch.flip(ramp, dims=[3])])
+    high, pixel = highpass_embeddings(images), pixel_embeddings(images)
+    assert high.similarity(high)[0, 1] > 0.95  # same detail on another background
+    assert pixel.similarity(pixel)[2, 3] < -0.99 and pixel.similarity(pixel)[0, 1] < high.similarity(high)[0, 1]
+    assert np.allclose(np.linalg.norm(high.vectors, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="perfectly flat"):
+        highpass_embeddings(torch.full((1, 3, 32, 32), 0.5))
