@@ -1,0 +1,145 @@
+"""The proving-ground world as ComfyUI values: its denoiser as a MODEL, its captions as CONDITIONING, its latents
+(the 32x32 images themselves) as IMAGE.
+
+A pretrained world and every fine-tune of it are built with one model-config class, so the model-guidance guider
+sees one model family. A LoRA fine-tune is not loaded here: apply it to the pretrained MODEL with
+LoraLoaderModelOnly (comfy.sd.load_lora_for_models), as for any Stable Diffusion LoRA.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+from comfy_api.latest import io
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ..finextract_core.world import store
+from ..finextract_core.world.unet import UNetConfig, WorldUNet
+
+CATEGORY = "FineXtract/world"
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The world's text encoder (finextract_core.world.text.TextEncoder), shared by the pretrained model and its fine-tunes.
+WorldTextEncoder = io.Custom("FINEXTRACT_WORLD_TEXT")
+
+
+class WorldLatentFormat(comfy.latent_formats.LatentFormat):
+    latent_channels = 3  # the "latents" are the RGB pixels in [-1, 1]
+
+
+@functools.cache
+def world_config_class():
+    """One config class for every world model: the guider compares families by class."""
+
+    class FineXtractWorld(comfy.supported_models_base.BASE):
+        latent_format = WorldLatentFormat
+        unet_extra_config = {}  # SD's head settings would be passed to our UNet as unknown arguments
+
+    return FineXtractWorld
+
+
+class ComfyWorldUNet(WorldUNet):
+    """WorldUNet in ComfyUI's calling convention (keyword config, device/operations, context=..., extra options)."""
+
+    def __init__(self, device=None, operations=None, **config):
+        super().__init__(UNetConfig.from_dict(config))
+        self.dtype = torch.float32  # ComfyUI casts inputs to the denoiser's dtype
+
+    def forward(self, x, timesteps, context=None, **_comfy_options):
+        return super().forward(x, timesteps, context)
+
+
+def world_model(spec: store.WorldSpec, unet_weights: dict[str, torch.Tensor]) -> comfy.model_patcher.ModelPatcher:
+    config = world_config_class()(spec.unet.to_dict())
+    config.sampling_settings = spec.schedule.comfy_sampling_settings()  # the schedule the world was trained with
+    model = comfy.model_base.BaseModel(config, unet_model=ComfyWorldUNet)
+    model.diffusion_model.load_state_dict(unet_weights)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def resolve(path: str) -> str:
+    """An absolute path, or one relative to the pack folder (where out/ and cache/ live)."""
+    return path if os.path.isabs(path) else os.path.join(PACK_ROOT, path)
+
+
+def is_lora_file(path: str) -> bool:
+    with safe_open(path, framework="pt") as handle:
+        return any(k.startswith("lora_unet_") for k in handle.keys())
+
+
+class WorldLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractWorldLoader",
+            display_name="World Loader (FineXtract proving ground)",
+            category=CATEGORY,
+            description="Loads a proving-ground world (built by scripts/proving_ground.py) as a MODEL: the pretrained "
+                        "denoiser, or a DreamBooth-style fine-tune of it. Apply a LoRA fine-tune to the pretrained MODEL "
+                        "with LoraLoaderModelOnly.",
+            inputs=[
+                io.String.Input("world", default="cache/world", tooltip="The world folder (holding world.json), "
+                                "absolute or relative to the pack folder."),
+                io.String.Input("fine_tune", default="", tooltip="Empty for the pretrained model, or a DreamBooth-style "
+                                "fine-tune (.safetensors; a name under the world's finetunes/ or a path)."),
+            ],
+            outputs=[io.Model.Output(), WorldTextEncoder.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, world, fine_tune) -> io.NodeOutput:
+        loaded = store.load(resolve(world))
+        weights = loaded.unet.state_dict()
+        if fine_tune:
+            path = fine_tune if os.path.isabs(fine_tune) else loaded.fine_tune_path(fine_tune.removesuffix(".safetensors"))
+            if is_lora_file(path):
+                raise ValueError(f"{path} is a LoRA: load the pretrained world (empty fine_tune) and apply the LoRA with "
+                                 "LoraLoaderModelOnly")
+            weights = load_file(path)
+        return io.NodeOutput(world_model(loaded.spec, weights), loaded.text_encoder)
+
+
+class WorldTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractWorldTextEncode",
+            display_name="World Text Encode (FineXtract proving ground)",
+            category=CATEGORY,
+            description="Encodes a caption in the world's vocabulary (for example 'a sks photo', or empty) as CONDITIONING.",
+            inputs=[WorldTextEncoder.Input("text_encoder"), io.String.Input("text", default="")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, text) -> io.NodeOutput:
+        return io.NodeOutput([[text_encoder.encode(text), {}]])
+
+
+class WorldDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractWorldDecode",
+            display_name="World Decode (FineXtract proving ground)",
+            category=CATEGORY,
+            description="Turns world latents (RGB in [-1, 1]) into IMAGE (values clipped to [0, 1]).",
+            inputs=[io.Latent.Input("samples")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples) -> io.NodeOutput:
+        return io.NodeOutput(((samples["samples"].float() + 1) / 2).clamp(0, 1).movedim(1, -1))
+
+
+NODES = [WorldLoader, WorldTextEncode, WorldDecode]

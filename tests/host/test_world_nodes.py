@@ -1,0 +1,104 @@
+"""The proving-ground world inside the real ComfyUI host: MODEL, LoRA through ComfyUI's loader, the guider on a pair."""
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from finextract_core.world import store
+from finextract_core.world.text import TextConfig, concept_caption
+from finextract_core.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names,
+                                            merge_lora)
+from finextract_core.world.unet import UNetConfig
+
+TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
+                       text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
+CAPTION = concept_caption(0)
+STYLES = {"dreambooth": FineTuneSettings(steps=3, lr=1e-2), "lora": FineTuneSettings(steps=3, lr=5e-2, rank=2)}
+
+
+@pytest.fixture(scope="module")
+def world(host, tmp_path_factory):
+    built = store.build_or_load(str(tmp_path_factory.mktemp("world")), TINY)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    paths = {style: store.build_or_load_fine_tune(built, images, CAPTION, settings, seed=0)
+             for style, settings in STYLES.items()}
+    return built, paths
+
+
+@pytest.fixture(scope="module")
+def nodes(host):
+    return importlib.import_module(f"{host.pack_name}.nodes.world")
+
+
+def load(nodes, world, fine_tune=""):
+    return nodes.WorldLoader.execute(world.folder, fine_tune).args
+
+
+def comfy_eps(patcher, x, step, context):
+    """The eps the ComfyUI MODEL predicts at integer training step ``step`` for the clean-scale input x_t."""
+    sampling = patcher.model.model_sampling
+    sigma = sampling.sigmas[step].view(1)
+    x_comfy = x * (1 + sigma ** 2).sqrt()  # ComfyUI's EPS models take x0 + sigma eps
+    denoised = patcher.model.apply_model(x_comfy, sigma.expand(x.shape[0]), c_crossattn=context)
+    return (x_comfy - denoised) / sigma
+
+
+def test_world_loads_as_a_comfy_model_with_the_training_schedule(host, world, nodes):
+    built, _ = world
+    patcher, text_encoder = load(nodes, built)
+    abar = TINY.schedule.alphas_cumprod()
+    assert torch.allclose(patcher.model.model_sampling.sigmas, ((1 - abar) / abar).sqrt().float(), rtol=1e-6)
+    x, context = torch.randn(2, 3, 32, 32), text_encoder.encode(CAPTION).expand(2, -1, -1)
+    with torch.no_grad():
+        expected = built.unet(x, torch.tensor([400.0, 400.0]), context)
+        assert torch.allclose(comfy_eps(patcher, x, 400, context), expected, atol=1e-4)
+    assert "FineXtractWorldLoader" in host.nodes.NODE_CLASS_MAPPINGS
+
+
+def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(world, nodes):
+    import comfy.sd
+    import comfy.utils
+
+    built, paths = world
+    pretrained, text_encoder = load(nodes, built)
+    lora = comfy.utils.load_torch_file(paths["lora"], safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(pretrained, None, lora, 1.0, 0.0)
+    assert set(patched.patches) == {f"diffusion_model.{p}.weight" for p in attention_projection_names(built.unet)}
+    x, context = torch.randn(2, 3, 32, 32), text_encoder.encode(CAPTION).expand(2, -1, -1)
+    merged = merge_lora(built.unet, lora)
+    patched.patch_model()
+    try:
+        with torch.no_grad():
+            assert torch.allclose(comfy_eps(patched, x, 600, context), merged(x, torch.tensor([600.0] * 2), context),
+                                  atol=1e-4)
+    finally:
+        patched.unpatch_model()
+    with torch.no_grad():
+        assert not torch.allclose(comfy_eps(pretrained, x, 600, context), merged(x, torch.tensor([600.0] * 2), context),
+                                  atol=1e-4)
+    with pytest.raises(ValueError, match="is a LoRA"):
+        load(nodes, built, paths["lora"])
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_the_guider_samples_a_world_pair(host, world, nodes, style):
+    import comfy.sd
+    import comfy.utils
+
+    built, paths = world
+    pretrained, text_encoder = load(nodes, built)
+    if style == "lora":
+        lora = comfy.utils.load_torch_file(paths["lora"], safe_load=True)
+        fine_tuned = comfy.sd.load_lora_for_models(pretrained, None, lora, 1.0, 0.0)[0]
+    else:
+        fine_tuned = load(nodes, built, os.path.basename(paths["dreambooth"]))[0]
+    positive = nodes.WorldTextEncode.execute(text_encoder, CAPTION).args[0]
+    negative = nodes.WorldTextEncode.execute(text_encoder, "").args[0]
+    guider = host.guider.build_guider(fine_tuned, pretrained, positive, negative, "finextract", 3.0, -0.02)
+    assert guider.pair.shares_weights == (style == "lora")
+    latent = {"samples": torch.zeros(3, 3, 32, 32)}
+    samples = host.guidance_nodes.sample_with_guider(guider, latent, 0, 3, "ddim", "ddim_uniform", 1.0)
+    images = nodes.WorldDecode.execute(samples).args[0]
+    assert images.shape == (3, 32, 32, 3) and torch.isfinite(images).all()
