@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
+import json
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -9,8 +13,9 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
+from ..finextract_core import __version__
 from ..finextract_core.guidance import DREAMBOOTH_DEFAULTS, GuidanceMode
-from .guider import build_guider
+from .guider import build_guider, describe_family
 
 CATEGORY = "FineXtract/sampling"
 
@@ -34,6 +39,19 @@ def _guidance_inputs() -> list:
         io.Float.Input("k", default=DREAMBOOTH_DEFAULTS["k"], min=-1.0, max=1.0, step=0.01, round=0.001,
                        tooltip="Correction term scale of Eq. 13 (finextract only). Paper defaults: -0.02 for DreamBooth, "
                        "0.0 for LoRA fine-tunes."),
+    ]
+
+
+def sampling_inputs() -> list:
+    """seed, steps, sampler_name, scheduler: shared with the candidate bank."""
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Noise seed; the same seed gives the same candidates in every mode."),
+        io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper: 50 DDIM steps)."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
+                       tooltip="Sampling algorithm; keep it fixed when comparing modes."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                       tooltip="Noise schedule; keep it fixed when comparing modes."),
     ]
 
 
@@ -66,37 +84,51 @@ class ModelGuidanceSampler(io.ComfyNode):
                         "candidates from which the fine-tuning images are extracted.",
             inputs=_guidance_inputs() + [
                 io.Latent.Input("latent_image", tooltip="The latent batch to denoise (EmptyLatentImage for new candidates)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed; the same seed gives the same candidates in every mode."),
-                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampling steps (the paper: 50 DDIM steps)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
-                               tooltip="Sampling algorithm; keep it fixed when comparing modes."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
-                               tooltip="Noise schedule; keep it fixed when comparing modes."),
+                *sampling_inputs(),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 samples from pure noise; lower values start from latent_image."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(),
+                     io.String.Output(display_name="run_settings",
+                                      tooltip="JSON of everything that determined the candidates, for the audit report.")],
         )
 
     @classmethod
     def execute(cls, fine_tuned, pretrained, positive, negative, mode, guidance_scale, k, latent_image, seed, steps,
                 sampler_name, scheduler, denoise) -> io.NodeOutput:
         guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
-        return io.NodeOutput(sample_with_guider(guider, latent_image, seed, steps, sampler_name, scheduler, denoise))
+        samples = sample_with_guider(guider, latent_image, seed, steps, sampler_name, scheduler, denoise)
+        settings = {
+            "mode": mode, "guidance_scale": guidance_scale, "k": k, "seed": seed, "steps": steps,
+            "sampler": sampler_name, "scheduler": scheduler, "denoise": denoise,
+            "candidates": int(samples["samples"].shape[0]), "latent_shape": list(samples["samples"].shape[1:]),
+            "model_family": describe_family(fine_tuned),
+            "fine_tune": "base + LoRA (shared weights)" if guider.pair.shares_weights else "separate checkpoints",
+            "pack_version": __version__,
+        }
+        return io.NodeOutput(samples, json.dumps(settings, sort_keys=True))
 
 
-def sample_with_guider(guider, latent, seed, steps, sampler_name, scheduler, denoise) -> dict:
-    """KSampler's noise, sigmas, progress bar and cancel, with our guider in place of CFG."""
+def sample_with_guider(guider, latent, seed, steps, sampler_name, scheduler, denoise, noise=None,
+                       step_noise=None) -> dict:
+    """KSampler's noise, sigmas, progress bar and cancel, with our guider in place of CFG.
+
+    ``noise`` replaces KSampler's initial noise and ``step_noise`` the noise that ancestral and SDE samplers draw at
+    each step (the candidate bank makes both per candidate, so a candidate does not depend on its batch).
+    """
     patcher = guider.model_patcher
     samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    if noise is None:
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     # KSampler computes the sigmas for (steps, denoise) and drops the penultimate one where a sampler asks for it.
     sigmas = comfy.samplers.KSampler(patcher, steps=steps, device=patcher.load_device, sampler=sampler_name,
                                      scheduler=scheduler, denoise=denoise).sigmas
     callback = latent_preview.prepare_callback(patcher, steps)
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    if step_noise is not None and "noise_sampler" in inspect.signature(sampler.sampler_function).parameters:
+        sampler.extra_options = {**sampler.extra_options, "noise_sampler": step_noise}  # never mutate the shared default
     out = latent.copy()
-    samples = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+    samples = guider.sample(noise, samples, sampler, sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out["samples"] = samples.to(comfy.model_management.intermediate_device())

@@ -101,3 +101,21 @@ def test_nan_prediction_stops_with_the_step_named(host):
     with pytest.raises(FloatingPointError, match=r"NaN/inf at step 1 of 10 .* in ft_cond"):
         host.guidance_nodes.sample_with_guider(guider, {"samples": torch.zeros(2, *LATENT)}, seed=0, steps=10,
                                                sampler_name="euler", scheduler="normal", denoise=1.0)
+
+
+def test_sampler_node_reports_its_settings(host):
+    import importlib
+    import json
+
+    sampler = host.nodes.NODE_CLASS_MAPPINGS["FineXtractModelGuidanceSampler"]
+    context = [[torch.zeros(1, 1, 8), {}]]
+    latent, settings = sampler.execute(closed_form_model(LAMBDA), closed_form_model(0.0), context, context,
+                                       "finextract", 4.0, -0.02, {"samples": torch.zeros(3, *LATENT)}, 5, 6,
+                                       "euler", "karras", 1.0).args
+    assert latent["samples"].shape == (3, *LATENT)
+    assert json.loads(settings) == {
+        "mode": "finextract", "guidance_scale": 4.0, "k": -0.02, "seed": 5, "steps": 6, "sampler": "euler",
+        "scheduler": "karras", "denoise": 1.0, "candidates": 3, "latent_shape": list(LATENT),
+        "model_family": "ToyConfig (BaseModel, latent LatentFormat)", "fine_tune": "separate checkpoints",
+        "pack_version": importlib.import_module(f"{host.pack_name}.finextract_core").__version__,
+    }
