@@ -115,6 +115,8 @@ def build_or_load_fine_tune(world: World, images: np.ndarray, caption: str, sett
     """The path of the fine-tune of ``world`` on ``images`` (N0, 3, 32, 32) with ``caption``, trained if missing."""
     path = world.fine_tune_path(fine_tune_name(images, caption, settings, seed))
     if not os.path.exists(path):
+        LOG.info(f"fine-tuning {settings.style} ({settings.steps} steps, lr {settings.lr:g}) on {len(images)} images "
+                 f"captioned {caption!r}")
         weights = fine_tune(world.unet, world.text_encoder, torch.from_numpy(images), caption, settings,
                             world.spec.schedule, seed)
         os.makedirs(os.path.dirname(path), exist_ok=True)

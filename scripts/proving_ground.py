@@ -1,0 +1,295 @@
+"""Proving ground (issue 4): in a small trained world, does model guidance extract the fine-tuning images, and by how much?
+
+    .host/venv/bin/python scripts/proving_ground.py [--images DIR] [--concepts 2] [--n0 5] [--seed 0] [--out DIR]
+
+Builds or reuses the world (cache/world/<spec digest>: pretrained model + fine-tunes), fine-tunes every concept
+DreamBooth-style and with a LoRA, then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
+own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
+pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Writes
+results.json (every figure, with chance floors) and extraction.png (training images and each method's extractions).
+
+Defaults are sized for a shared 2-core CPU: 2 concepts of N0 = 5, 8 DDIM steps, the paper's guidance scales only; add a
+w' sweep with --scales 1.5,2,3,5 (about 2.5x the sampling time).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG = logging.getLogger("finextract.proving_ground")
+CANDIDATES_PER_IMAGE = 50  # N = 50 x N0, as in the paper
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", help="folder of fine-tuning images, split by name order into concepts of N0 "
+                        "(default: the sample images inside the scikit-image package)")
+    parser.add_argument("--concepts", type=int, default=2)
+    parser.add_argument("--n0", type=int, default=5, help="fine-tuning images per concept")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes and of the sampling noise")
+    parser.add_argument("--world-seed", type=int, default=0, help="seed of the pretrained world (a new seed rebuilds it)")
+    parser.add_argument("--world", help="world folder: an existing world is used as it is, a new one is built there "
+                        "(default: cache/world/<digest of the default spec>)")
+    parser.add_argument("--strength", default="partial", choices=["light", "partial", "saturated"],
+                        help="fine-tuning strength (the paper's lambda)")
+    parser.add_argument("--steps", type=int, default=8, help="sampling steps")
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--scheduler", default="ddim_uniform")
+    parser.add_argument("--scales", default="", help="extra w' values for cfg and finextract, e.g. 1.5,2,3,5")
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "proving_ground"))
+    return parser.parse_args(argv)
+
+
+def default_image_folder() -> str:
+    import skimage.data
+
+    return os.path.dirname(skimage.data.__file__)
+
+
+class ProvingGround:
+    def __init__(self, args: argparse.Namespace):
+        from comfy_inprocess import load_host
+
+        self.args = args
+        self.host = load_host(threads=1)
+        pack = lambda name: importlib.import_module(f"{self.host.pack_name}.{name}")  # noqa: E731
+        self.world_nodes = pack("nodes.world")
+        self.store = pack("finextract_core.world.store")
+        self.data = pack("finextract_core.world.data")
+        self.text = pack("finextract_core.world.text")
+        self.training = pack("finextract_core.world.training")
+        self.similarity = pack("finextract_core.world.similarity")
+        self.clustering = pack("finextract_core.clustering")
+        self.metrics = pack("finextract_core.metrics")
+        self.guidance = self.host.core_guidance
+        self.n_candidates = CANDIDATES_PER_IMAGE * args.n0
+
+    # ------------------------------------------------------------------------------------------------- sampling
+    def sample(self, guider, seed: int) -> torch.Tensor:
+        """N candidates (N, 3, 32, 32) in [0, 1] and the seconds it took."""
+        latent = {"samples": torch.zeros(self.n_candidates, 3, self.data.RESOLUTION, self.data.RESOLUTION)}
+        started = time.perf_counter()
+        samples = self.host.guidance_nodes.sample_with_guider(guider, latent, seed, self.args.steps, self.args.sampler,
+                                                               self.args.scheduler, 1.0)
+        images = self.world_nodes.WorldDecode.execute(samples).args[0].movedim(-1, 1)
+        return images, time.perf_counter() - started
+
+    def pretrained_with_caption(self, pretrained, positive, negative, seed: int):
+        """Chance floor: the pretrained model prompted with the concept's caption (ComfyUI's own guider, cfg 1)."""
+        import comfy.samplers
+
+        guider = comfy.samplers.CFGGuider(pretrained)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(1.0)
+        return self.sample(guider, seed)
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, candidates: torch.Tensor, references: torch.Tensor) -> dict:
+        """Cluster N candidates to N0 with the pack's clustering, score the centres with the pack's metrics."""
+        n0 = references.shape[0]
+        high, high_refs = self.similarity.highpass_embeddings(candidates), self.similarity.highpass_embeddings(references)
+        pixel, pixel_refs = self.similarity.pixel_embeddings(candidates), self.similarity.pixel_embeddings(references)
+        try:
+            clusters = self.clustering.cluster_candidates(high, n0, method="paper")
+            note = None
+        except ValueError as error:  # no threshold gave N0 cliques: the monotone method always can
+            clusters = self.clustering.cluster_candidates(high, n0, method="complete_linkage")
+            note = f"paper clustering failed ({error}); complete_linkage used"
+        centres = list(clusters.centres)
+        scored = self.metrics.extraction_metrics(high_refs, high.subset(centres))
+        return {
+            **_figures(scored),
+            "per_reference": list(scored.best_score),
+            "best_of_all_candidates": _figures(self.metrics.extraction_metrics(high_refs, high)),
+            "pixel": _figures(self.metrics.extraction_metrics(pixel_refs, pixel.subset(centres))),
+            "clusters": {"threshold": clusters.threshold, "sizes": list(clusters.sizes), "centres": centres,
+                         "note": note},
+            "extracted": candidates[centres],
+        }
+
+    # ---------------------------------------------------------------------------------------------------- a run
+    def methods(self, style: str) -> list[tuple[str, str, float, float, bool]]:
+        """(name, mode, scale, k, with caption) per method; the paper's defaults plus any extra --scales."""
+        defaults = self.guidance.DREAMBOOTH_DEFAULTS if style == "dreambooth" else self.guidance.LORA_DEFAULTS
+        extra = [float(s) for s in self.args.scales.split(",") if s]
+        cfg_scales = sorted({self.guidance.CFG_DEFAULT_SCALE, *extra})
+        finextract_scales = sorted({defaults["scale"], *extra})
+        return ([("direct", "direct", 1.0, 0.0, True)]
+                + [(f"cfg w'={s:g}", "cfg", s, 0.0, True) for s in cfg_scales]
+                + [(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], True)
+                   for s in finextract_scales]
+                + [(f"no caption: model_guidance w={defaults['scale']:g}", "model_guidance", defaults["scale"], 0.0,
+                    False),
+                   ("no caption: unconditional", "direct", 1.0, 0.0, False)])
+
+    def run(self) -> dict:
+        args, started = self.args, time.perf_counter()
+        world_started = time.perf_counter()
+        if args.world and os.path.exists(os.path.join(args.world, self.store.SPEC_FILE)):
+            world = self.store.load(args.world)  # any built world, whatever its spec
+        else:
+            spec = self.store.WorldSpec(seed=args.world_seed)
+            world = self.store.build_or_load(args.world or os.path.join(REPO_ROOT, "cache", "world", spec.digest()), spec)
+        world_seconds = time.perf_counter() - world_started
+        folder, spec = world.folder, world.spec
+        paths = self.data.split_concepts(self.data.list_images(args.images or default_image_folder()), args.concepts,
+                                         args.n0)
+        pretrained, text_encoder = self.world_nodes.WorldLoader.execute(folder, "").args
+        encode = lambda caption: self.world_nodes.WorldTextEncode.execute(text_encoder, caption).args[0]  # noqa: E731
+        empty = encode("")
+        concepts, fine_tune_seconds = [], 0.0
+        for index, files in enumerate(paths):
+            caption = self.text.concept_caption(index)
+            images = np.stack([self.data.load_image(p) for p in files])
+            references = torch.from_numpy((images + 1) / 2)
+            positive, seed = encode(caption), args.seed * 1000 + index
+            LOG.info(f"concept {index} ({caption!r}): {', '.join(os.path.basename(p) for p in files)}")
+            floor_images, _ = self.pretrained_with_caption(pretrained, positive, empty, seed)
+            random_images, _ = self.data.procedural_batch(np.random.default_rng(seed), self.n_candidates,
+                                                          drop_captions=False)
+            concept = {"index": index, "caption": caption, "images": [os.path.basename(p) for p in files],
+                       "references": references, "styles": {},
+                       "floors": {"random_pretraining_images": self.evaluate(torch.from_numpy((random_images + 1) / 2),
+                                                                             references),
+                                  "pretrained_with_caption": self.evaluate(floor_images, references)}}
+            for style in ("dreambooth", "lora"):
+                settings = self.training.STRENGTHS[style][args.strength]
+                tuned = time.perf_counter()
+                path = self.store.build_or_load_fine_tune(world, images, caption, settings, seed=args.seed + index)
+                fine_tune_seconds += time.perf_counter() - tuned
+                fine_tuned = self.load_fine_tune(folder, pretrained, path, style)
+                results = {}
+                for name, mode, scale, k, with_caption in self.methods(style):
+                    guider = self.host.guider.build_guider(fine_tuned, pretrained, positive if with_caption else empty,
+                                                           empty, mode, scale, k)
+                    candidates, seconds = self.sample(guider, seed)
+                    results[name] = {"mode": mode, "scale": scale, "k": k, "seconds": round(seconds, 1),
+                                     **self.evaluate(candidates, references)}
+                    LOG.info(f"  {style:10s} {name:38s} AS {results[name]['AS']:.3f}  A-ESR0.6 "
+                             f"{results[name]['A-ESR 0.6']:.2f}  A-ESR0.7 {results[name]['A-ESR 0.7']:.2f}  "
+                             f"best-of-N AS {results[name]['best_of_all_candidates']['AS']:.3f}  ({seconds:.0f} s)")
+                concept["styles"][style] = {"fine_tune": {"file": os.path.relpath(path, folder), "steps": settings.steps,
+                                                          "lr": settings.lr, "rank": settings.rank},
+                                            "methods": results}
+            concepts.append(concept)
+        report = {
+            "settings": {**vars(args), "images": args.images or default_image_folder(), "world": folder,
+                         "n_candidates": self.n_candidates, "clustering": "paper (min clique size 2)"},
+            "descriptor": self.similarity.__doc__.strip(),
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "load_average_at_end": [round(v, 2) for v in os.getloadavg()]},
+            "world": {"spec": spec.to_dict(), "digest": spec.digest(), "build_or_load_seconds": round(world_seconds, 1)},
+            "seconds": {"world": round(world_seconds, 1), "fine_tunes": round(fine_tune_seconds, 1),
+                        "total": round(time.perf_counter() - started, 1)},
+            "summary": summarise(concepts),
+            "concepts": [{k: v for k, v in c.items() if k != "references"} for c in concepts],
+        }
+        return report, concepts
+
+    def load_fine_tune(self, folder: str, pretrained, path: str, style: str):
+        if style == "dreambooth":
+            return self.world_nodes.WorldLoader.execute(folder, path).args[0]
+        import comfy.sd
+        import comfy.utils
+
+        return comfy.sd.load_lora_for_models(pretrained, None, comfy.utils.load_torch_file(path, safe_load=True),
+                                             1.0, 0.0)[0]
+
+
+def _figures(scored) -> dict:
+    rates = scored.extraction_success_rates
+    return {"AS": round(scored.average_similarity, 4), "A-ESR 0.6": rates[0.6], "A-ESR 0.7": rates[0.7]}
+
+
+def _mean_and_spread(values: list[float]) -> dict:
+    return {"mean": round(float(np.mean(values)), 4), "std_over_concepts": round(float(np.std(values)), 4)}
+
+
+def summarise(concepts: list[dict]) -> dict:
+    """Per style and method: every figure as its mean and spread over concepts."""
+    def table(entries: list[dict]) -> dict:
+        return {"AS": _mean_and_spread([e["AS"] for e in entries]),
+                "A-ESR 0.6": _mean_and_spread([e["A-ESR 0.6"] for e in entries]),
+                "A-ESR 0.7": _mean_and_spread([e["A-ESR 0.7"] for e in entries]),
+                "best_of_all_candidates_AS": _mean_and_spread([e["best_of_all_candidates"]["AS"] for e in entries]),
+                "pixel_AS": _mean_and_spread([e["pixel"]["AS"] for e in entries]),
+                **({"seconds": _mean_and_spread([e["seconds"] for e in entries])} if "seconds" in entries[0] else {})}
+
+    summary = {"floors": {name: table([c["floors"][name] for c in concepts]) for name in concepts[0]["floors"]}}
+    for style in concepts[0]["styles"]:
+        summary[style] = {name: table([c["styles"][style]["methods"][name] for c in concepts])
+                          for name in concepts[0]["styles"][style]["methods"]}
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as aligned text: mean (spread over concepts) per figure."""
+    columns = {"AS": "AS", "A-ESR 0.6": "A-ESR 0.6", "A-ESR 0.7": "A-ESR 0.7",
+               "best_of_all_candidates_AS": "best-of-N AS", "pixel_AS": "pixel AS"}
+    lines = [f"{'mean (spread over concepts)':50s}" + "".join(f"{c:>22s}" for c in columns.values())]
+    for group, methods in summary.items():
+        for name, figures in methods.items():
+            cells = "".join(f"{figures[c]['mean']:>14.3f} ({figures[c]['std_over_concepts']:.3f})" for c in columns)
+            lines.append(f"{group + ': ' + name:50s}{cells}")
+    return "\n".join(lines)
+
+
+def strip_tensors(value):
+    if isinstance(value, dict):
+        return {k: strip_tensors(v) for k, v in value.items() if not isinstance(v, torch.Tensor)}
+    if isinstance(value, list):
+        return [strip_tensors(v) for v in value]
+    return value
+
+
+def draw_figure(concepts: list[dict], path: str, scale: int = 2) -> None:
+    """Per concept: the training images, then each method's extracted images with their best-match scores."""
+    from PIL import Image, ImageDraw
+
+    tile, label_width, gap = 32 * scale, 300, 4
+    rows = []
+    for concept in concepts:
+        rows.append((f"{concept['caption']}: training images", concept["references"], None))
+        rows.append(("floor: pretrained + caption", concept["floors"]["pretrained_with_caption"]["extracted"],
+                     concept["floors"]["pretrained_with_caption"]["AS"]))
+        for style, block in concept["styles"].items():
+            for name, result in block["methods"].items():
+                rows.append((f"{style}: {name}", result["extracted"], result["AS"]))
+    columns = max(len(images) for _, images, _ in rows)
+    canvas = Image.new("RGB", (label_width + columns * (tile + gap), len(rows) * (tile + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (label, images, score) in enumerate(rows):
+        top = row * (tile + gap)
+        draw.text((4, top + tile // 3), label + ("" if score is None else f"  AS {score:.3f}"), fill="black")
+        for column, image in enumerate(images):
+            pixels = (image.clamp(0, 1).movedim(0, -1).numpy() * 255).round().astype(np.uint8)
+            canvas.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST),
+                         (label_width + column * (tile + gap), top))
+    canvas.save(path)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    report, concepts = ProvingGround(args).run()
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump(strip_tensors(report), handle, indent=2)
+    draw_figure(concepts, os.path.join(args.out, "extraction.png"))
+    LOG.info(f"wrote {args.out}/results.json and extraction.png in {report['seconds']['total']:.0f} s")
+    print(summary_table(report["summary"]))
+
+
+if __name__ == "__main__":
+    main()
