@@ -2,12 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import clustering, embedding, evaluation, guidance, world
+from . import bank, clustering, embedding, evaluation, guidance, world
 
 
 class FineXtractExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*guidance.NODES, *embedding.NODES, *clustering.NODES, *evaluation.NODES, *world.NODES]
+        return [*guidance.NODES, *bank.NODES, *embedding.NODES, *clustering.NODES, *evaluation.NODES, *world.NODES]
 
 
 async def comfy_entrypoint() -> FineXtractExtension:

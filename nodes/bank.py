@@ -1,0 +1,207 @@
+"""Candidate Bank: generate N candidates into an on-disk bank in batches; Decode Bank Candidates: only the chosen ones.
+
+The bank (finextract_core.bank) keeps each candidate's latent and SSCD embedding on disk, so 6,900 candidates never
+sit in memory as images, a cancelled or killed run resumes when queued again, and shards of an index range made on
+other machines merge into one bank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.sample
+import folder_paths
+import nodes as comfy_nodes
+import torch
+from comfy_api.latest import io
+
+from ..finextract_core import sscd
+from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, fingerprint
+from .embedding import DOWNLOAD, NO_FILE, SSCD_FOLDER, _sscd_models, missing_file_message
+from .guidance import _guidance_inputs, sample_with_guider, sampling_inputs
+from .guider import build_guider
+from .types import Embeddings
+
+LOG = logging.getLogger("finextract")
+CATEGORY = "FineXtract/sampling"
+# Bump when the way a candidate is generated from its key changes, so old banks are not resumed with new candidates.
+GENERATION_SCHEME = "per-candidate-noise-v1"
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """What the Candidate Bank node outputs: its bank, and the candidate index of each row of its EMBEDDINGS."""
+
+    bank: CandidateBank
+    candidates: tuple[int, ...]
+
+
+CandidateBankType = io.Custom("FINEXTRACT_CANDIDATE_BANK")
+
+
+def resolve_bank_folder(bank_folder: str) -> str:
+    if not bank_folder.strip():
+        raise ValueError("bank_folder is empty: name a folder for the candidate bank (relative paths go under "
+                         "ComfyUI's output folder)")
+    return os.path.join(folder_paths.get_output_directory(), os.path.expanduser(bank_folder.strip()))
+
+
+def load_sscd(sscd_model: str) -> sscd.SSCDModel:
+    path = folder_paths.get_full_path(SSCD_FOLDER, sscd_model) if sscd_model != NO_FILE else None
+    if path is None:
+        raise FileNotFoundError(missing_file_message(sscd_model))
+    return _sscd_models.get(path)
+
+
+def model_identity(patcher) -> str:
+    """The denoiser's own weights (before any in-place patching) and its weight patches (LoRA and the like)."""
+    return fingerprint(patcher.get_key_patches("diffusion_model."))
+
+
+class CandidateBankNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractCandidateBank",
+            display_name="Candidate Bank (FineXtract)",
+            category=CATEGORY,
+            is_output_node=True,  # it writes the bank, so it runs even when nothing reads its outputs
+            description="Generates N candidates with model guidance in batches and stores each batch on disk (latents "
+                        "and SSCD embeddings) as soon as it is done: memory stays flat in N, a cancelled or killed run "
+                        "resumes when queued again, and index ranges made on several machines merge into one bank.",
+            inputs=_guidance_inputs() + [
+                io.Latent.Input("latent_image", tooltip="Gives the candidates' size only (EmptyLatentImage at the "
+                                "resolution to sample); its batch size and content are ignored."),
+                *sampling_inputs(),
+                io.Vae.Input("vae", tooltip="Decodes each batch for embedding only; the images are not kept."),
+                io.Combo.Input("sscd_model", options=folder_paths.get_filename_list(SSCD_FOLDER) or [NO_FILE],
+                               tooltip=f"SSCD weights in models/sscd/ for the candidates' embeddings (the paper uses "
+                               f"sscd_disc_large: {DOWNLOAD})."),
+                io.Combo.Input("preset", options=sorted(sscd.PRESETS), default=sscd.DEFAULT_PRESET,
+                               tooltip="SSCD preprocessing; compare only with embeddings of the same preset."),
+                io.Int.Input("num_candidates", default=500, min=1, max=1_000_000,
+                             tooltip="N: how many candidates (the paper: 50 x N0). Raising it later keeps the ones "
+                             "already in the bank and adds the rest."),
+                io.Int.Input("first_candidate", default=0, min=0, max=1_000_000,
+                             tooltip="Index of the first candidate. 0 for a whole run; to split a run across "
+                             "machines give each an index range (0 and N/2, then N/2 and N/2) and merge the banks."),
+                io.Int.Input("batch_size", default=4, min=1, max=1024,
+                             tooltip="Candidates per batch (as much as fits in GPU memory). Does not change the "
+                             "candidates: candidate i always comes from the same noise."),
+                io.String.Input("bank_folder", default="finextract/bank",
+                                tooltip="Folder of this bank (relative paths go under ComfyUI's output folder). Use "
+                                "one folder per setting: a folder that holds a bank of other settings is refused."),
+            ],
+            outputs=[
+                Embeddings.Output(display_name="embeddings",
+                                  tooltip="The embeddings of candidates first_candidate .. first_candidate + N - 1, "
+                                  "row j = candidate first_candidate + j."),
+                CandidateBankType.Output(display_name="bank",
+                                         tooltip="The bank, for Decode Bank Candidates."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, bank_folder, **kwargs):
+        # Run again when the folder changed (shards merged in or deleted), not only when an input did.
+        try:
+            return os.stat(resolve_bank_folder(bank_folder)).st_mtime_ns
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
+    def execute(cls, fine_tuned, pretrained, positive, negative, mode, guidance_scale, k, latent_image, seed, steps,
+                sampler_name, scheduler, vae, sscd_model, preset, num_candidates, first_candidate, batch_size,
+                bank_folder) -> io.NodeOutput:
+        guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
+        patcher = guider.model_patcher
+        shape = tuple(comfy.sample.fix_empty_latent_channels(patcher, latent_image["samples"]).shape[1:])
+        embedder = load_sscd(sscd_model)
+        key = {
+            "scheme": GENERATION_SCHEME, "fine_tuned": model_identity(fine_tuned),
+            "pretrained": model_identity(pretrained), "positive": fingerprint(positive),
+            "negative": fingerprint(negative), "mode": mode, "guidance_scale": guidance_scale, "k": k, "seed": seed,
+            "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "latent_shape": list(shape),
+            "vae": fingerprint(vae.first_stage_model.state_dict()), "embedder": embedder.model_id,
+            "embedder_weights": fingerprint(embedder.state_dict()), "preset": preset,
+        }
+        bank = CandidateBank.open(resolve_bank_folder(bank_folder), key)
+        wanted = range(first_candidate, first_candidate + num_candidates)
+        todo = bank.missing(wanted)
+        LOG.info("finextract: bank %s holds %d of candidates %d-%d; generating %d", bank.folder,
+                 num_candidates - len(todo), wanted.start, wanted.stop - 1, len(todo))
+        device = comfy.model_management.get_torch_device()
+        try:
+            for start in range(0, len(todo), batch_size):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                indices = todo[start:start + batch_size]
+                latent = {"samples": torch.zeros((len(indices), *shape))}
+                samples = sample_with_guider(
+                    guider, latent, seed, steps, sampler_name, scheduler, 1.0,
+                    noise=candidate_noise(seed, indices, shape),
+                    step_noise=CandidateStepNoise(seed, indices, shape, device=patcher.load_device))["samples"]
+                images = comfy_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
+                bank.write(indices, samples, sscd.embed_images(embedder, images, preset, batch_size=len(indices),
+                                                               device=device))
+                done = num_candidates - len(todo) + min(start + batch_size, len(todo))
+                LOG.info("finextract: %d of %d candidates in the bank", done, num_candidates)
+        finally:
+            embedder.to(comfy.model_management.unet_offload_device())
+        return io.NodeOutput(bank.embeddings(wanted), BankRows(bank, tuple(wanted)))
+
+
+def parse_positions(text: str) -> list[int]:
+    """CliqueCluster's clusters_json (its "centres"), a JSON list, or numbers separated by commas or spaces."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text.replace(",", " ").split()
+    if isinstance(value, dict):
+        value = value.get("centres")
+    if isinstance(value, int):
+        value = [value]
+    try:
+        positions = [int(p) for p in value]
+    except (TypeError, ValueError):
+        positions = []
+    if not positions:
+        raise ValueError(f"indices must name candidates: CliqueCluster's clusters_json, or positions such as "
+                         f"'0, 5, 17'; got {text[:80]!r}")
+    return positions
+
+
+class DecodeBankCandidates(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractDecodeBankCandidates",
+            display_name="Decode Bank Candidates (FineXtract)",
+            category=CATEGORY,
+            description="Decodes only the chosen candidates of a bank (for example the extracted cluster centres) "
+                        "into images.",
+            inputs=[
+                CandidateBankType.Input("bank", tooltip="The Candidate Bank node's bank output."),
+                io.Vae.Input("vae", tooltip="The VAE the bank was made with."),
+                io.String.Input("indices", multiline=True, default="0",
+                                tooltip="Which candidates: CliqueCluster's clusters_json (its centres), or positions "
+                                "in the bank's embeddings such as '0, 5, 17'."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="The chosen candidates, in the order given.")],
+        )
+
+    @classmethod
+    def execute(cls, bank, vae, indices) -> io.NodeOutput:
+        positions = parse_positions(indices)
+        outside = [p for p in positions if not 0 <= p < len(bank.candidates)]
+        if outside:
+            raise ValueError(f"positions {outside} are outside the bank's {len(bank.candidates)} embeddings (0 to "
+                             f"{len(bank.candidates) - 1}): use indices of the embeddings this bank output")
+        latents = bank.bank.latents([bank.candidates[p] for p in positions])
+        return io.NodeOutput(comfy_nodes.VAEDecode().decode(vae, {"samples": latents})[0])
+
+
+NODES = [CandidateBankNode, DecodeBankCandidates]
