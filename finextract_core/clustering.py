@@ -40,8 +40,8 @@ the 25th percentile of the off-diagonal similarities and keep the N0 largest cli
 ``complete_linkage``
     Complete-linkage agglomeration on 1 - similarity, cut (at or above the same 25th-percentile start, with no step
     size) where the N0-th largest group of at least ``min_clique_size`` members is biggest, the highest threshold
-    among equals: the same rule as ``best_threshold``, on the tree. (Cutting where N0 groups first appear fails the
-    same way as ``paper``: unrelated candidates that merge late count as groups.) Every group is a clique of the
+    among equals: the same rule as ``best_threshold``, on the tree. (Keeping the lowest threshold that still has N0
+    groups, the earlier rule, lets groups absorb unrelated candidates and each other.) Every group is a clique of the
     graph at the reported threshold (its members' smallest pairwise similarity is at least the threshold). Merges of
     equal height are applied together, so the result never depends on scipy's order within ties.
 

@@ -1,12 +1,17 @@
-"""CliqueCluster: planted groups are recovered, and the `paper` method equals a plain re-implementation of the
-paper's procedure (networkx.find_cliques, remove the largest clique, +0.01 threshold steps)."""
+"""CliqueCluster: planted groups are recovered, the `paper` method equals a plain re-implementation of the paper's
+procedure (networkx.find_cliques, remove the largest clique, +0.01 threshold steps), and `best_threshold` and
+`complete_linkage` equal brute-force versions of their rules."""
 import itertools
 
 import networkx as nx
 import numpy as np
 import pytest
 
-from finextract_core.clustering import (SIMILARITY_SCALE, WorkBudgetExceeded, cluster_candidates,
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from benchmarks.bench_clustering import planted as benchmark_planted
+from benchmarks.bench_clustering import recovered
+from finextract_core.clustering import (METHODS, SIMILARITY_SCALE, WorkBudgetExceeded, cluster_candidates,
                                         greedy_clique_partition)
 from finextract_core.embeddings import Embeddings
 
@@ -21,6 +26,17 @@ def planted(n_groups, per_group, n_noise, dim=64, spread=0.4, seed=0):
     order = rng.permutation(len(vectors))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True))[order]
     return vectors, np.concatenate([labels, -np.ones(n_noise, dtype=int)])[order]
+
+
+def two_separated_groups(per_group=10, cosine=-0.2, noise=0.003, dim=32, seed=0):
+    """Two tight groups of near-duplicates (similarity ~0.9996 inside) around unit centres with cosine -0.2."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((2, dim))
+    centres[0, 0] = 1
+    centres[1, :2] = cosine, np.sqrt(1 - cosine ** 2)
+    labels = np.repeat([0, 1], per_group)
+    vectors = centres[labels] + noise * rng.standard_normal((2 * per_group, dim))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), labels
 
 
 # ------------------------------------------------------------------------------------------ reference implementation
@@ -49,8 +65,49 @@ def reference_paper_procedure(vectors, n_clusters, min_size):
         threshold += SIMILARITY_SCALE // 100
 
 
+def quantised(vectors):
+    return np.rint(vectors.astype(np.float64) @ vectors.T.astype(np.float64) * SIMILARITY_SCALE).astype(np.int64)
+
+
+def start_threshold(sims):
+    upper = sims[np.triu_indices(len(sims), 1)]
+    return int(np.sort(upper)[(len(upper) - 1) // 4]), int(upper.max())
+
+
+def reference_best_threshold(vectors, n_clusters, min_size):
+    """Partition the graph at every threshold; keep the largest N0-th largest clique, the highest threshold on ties."""
+    sims = quantised(vectors)
+    start, highest = start_threshold(sims)
+    best = (0, None, None)
+    for threshold in range(start, highest + 1, SIMILARITY_SCALE // 100):
+        cliques = [c for c in reference_partition(sims >= threshold) if len(c) >= min_size]
+        if len(cliques) >= n_clusters:
+            size = sorted(map(len, cliques), reverse=True)[n_clusters - 1]
+            if size >= best[0]:
+                best = (size, threshold, sorted(cliques, key=lambda c: (-len(c), c[0]))[:n_clusters])
+    return best[1] / SIMILARITY_SCALE, [tuple(c) for c in best[2]]
+
+
+def reference_complete_linkage(vectors, n_clusters, min_size):
+    """Cut the complete-linkage tree at every merge height from the start; keep the largest N0-th largest group."""
+    sims = quantised(vectors)
+    start, _ = start_threshold(sims)
+    tree = linkage((SIMILARITY_SCALE - sims[np.triu_indices(len(sims), 1)]).astype(float), method="complete")
+    best = (0, None, None)
+    for height in sorted({-1.0, *tree[:, 2]}, reverse=True):
+        if height > SIMILARITY_SCALE - start:
+            continue
+        labels = fcluster(tree, height, "distance") if height >= 0 else np.arange(len(sims))
+        groups = [sorted(np.flatnonzero(labels == label).tolist()) for label in np.unique(labels)]
+        groups = sorted((g for g in groups if len(g) >= min_size), key=lambda g: (-len(g), g[0]))
+        if len(groups) >= n_clusters and len(groups[n_clusters - 1]) >= best[0]:
+            best = (len(groups[n_clusters - 1]), (SIMILARITY_SCALE - max(height, 0)) / SIMILARITY_SCALE,
+                    [tuple(g) for g in groups[:n_clusters]])
+    return best[1], best[2]
+
+
 # -------------------------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("method", ["paper", "complete_linkage"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("min_clique_size", [1, 2])
 def test_clustering_recovers_planted_groups(method, min_clique_size):
     # Groups must be larger than the cliques that chance forms among unrelated candidates: at the start threshold
@@ -68,6 +125,47 @@ def test_clustering_recovers_planted_groups(method, min_clique_size):
         assert len(set(members) - group) <= 0.1 * len(members)
     assert list(result.sizes) == sorted(result.sizes, reverse=True)
     assert all(0.7 < mean < 1 for mean in result.mean_similarities)
+
+
+@pytest.mark.parametrize("method", ["best_threshold", "complete_linkage"])
+def test_clustering_separates_two_groups_where_the_paper_rule_merges_them(method):
+    vectors, labels = two_separated_groups()
+    result = cluster_candidates(vectors, 2, method)
+    assert [sorted(labels[list(members)]) for members in result.members] == [[0] * 10, [1] * 10]
+    assert result.threshold > 0.98  # within one 0.01 step of the smallest similarity inside a group
+
+
+def test_clustering_paper_method_merges_two_groups_as_documented():
+    # At the start threshold (25th percentile) half the inter-group pairs are edges, and the greedy partition already
+    # has N0 = 2 mixed cliques: the paper's first-threshold rule stops there.
+    vectors, labels = two_separated_groups()
+    result = cluster_candidates(vectors, 2, "paper")
+    assert result.sizes != (10, 10)
+    assert len(set(labels[list(result.members[0])])) == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_clustering_recovers_benchmark_planted_groups(method):
+    n_groups = 10  # N = 500: 45 members per group around correlated-by-chance centres, 10% unrelated candidates
+    vectors, labels = benchmark_planted(n_groups)
+    result = cluster_candidates(vectors, n_groups, method)
+    assert recovered(result.centres, labels, n_groups)
+    if method != "paper":  # the robust rules also find the groups whole and pure
+        assert all(len(set(labels[list(members)])) == 1 for members in result.members)
+        assert result.sizes == (45,) * n_groups
+
+
+@pytest.mark.parametrize("seed,n_clusters,min_size", [(0, 3, 1), (1, 4, 2), (2, 2, 2), (3, 5, 1), (4, 3, 3)])
+def test_clustering_best_threshold_and_complete_linkage_equal_brute_force(seed, n_clusters, min_size):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((22, 4))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for method, reference in [("best_threshold", reference_best_threshold),
+                              ("complete_linkage", reference_complete_linkage)]:
+        threshold, clusters = reference(vectors, n_clusters, min_size)
+        result = cluster_candidates(vectors, n_clusters, method, min_clique_size=min_size)
+        assert result.threshold == pytest.approx(threshold, abs=1e-9), method
+        assert list(result.members) == clusters, method
 
 
 def test_clustering_greedy_partition_equals_networkx_reference_on_random_graphs():
@@ -110,8 +208,10 @@ def test_clustering_complete_linkage_groups_are_cliques_at_reported_threshold():
 
 def test_clustering_is_deterministic_and_reports_budget_skips():
     vectors, _ = planted(n_groups=3, per_group=15, n_noise=5, seed=11)
+    assert cluster_candidates(vectors, 3) == cluster_candidates(vectors.copy(), 3, "best_threshold")  # the default
+    for method in METHODS:
+        assert cluster_candidates(vectors, 3, method) == cluster_candidates(vectors.copy(), 3, method)
     first = cluster_candidates(vectors, 3, "paper")
-    assert first == cluster_candidates(vectors.copy(), 3, "paper")
     starved = cluster_candidates(vectors, 3, "paper", work_budget=5)
     assert any("exceeded the work budget of 5 steps" in note for note in starved.notes)
     assert starved.threshold > first.threshold
