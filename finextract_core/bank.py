@@ -251,20 +251,23 @@ class CandidateBank:
         return self._gather("latents", indices)
 
     def _gather(self, name: str, indices: Sequence[int]) -> torch.Tensor:
+        indices = list(indices)
         absent = [i for i in indices if i not in self._where]
         if absent:
             raise BankError(f"candidates {_ranges(absent)} are not in the bank at '{self.folder}': generate them "
                             "first (queue the Candidate Bank node for that range)")
-        by_shard: dict[_Shard, list[int]] = {}
-        for index in indices:
-            by_shard.setdefault(self._where[index], []).append(index)
-        rows: dict[int, torch.Tensor] = {}
+        by_shard: dict[_Shard, list[tuple[int, int]]] = {}
+        for row, index in enumerate(indices):
+            by_shard.setdefault(self._where[index], []).append((row, index))
+        gathered = None  # filled in place, so reading N rows holds one copy of them, not one per shard too
         for shard, wanted in by_shard.items():
             with _open_shard(shard.path) as handle:
                 stored = handle.get_tensor(name)
-            for index in wanted:
-                rows[index] = stored[shard.indices.index(index)]
-        return torch.stack([rows[i] for i in indices])
+            if gathered is None:
+                gathered = torch.empty((len(indices), *stored.shape[1:]), dtype=stored.dtype)
+            for row, index in wanted:
+                gathered[row] = stored[shard.indices.index(index)]
+        return gathered
 
 
 def _write_json(path: str, value: dict) -> None:

@@ -1,0 +1,177 @@
+"""The Candidate Bank and Decode Bank Candidates nodes in-process on the real host, with the demo models (a base
+checkpoint and a LoRA) and a random SSCD file: candidate i does not depend on the batch size, extending N keeps the
+first candidates, shards of index ranges merge into one run's bank, and bad input is answered with advice.
+
+Resuming after ComfyUI's /interrupt and after a killed server is tested over HTTP in test_candidate_bank_server.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+from bank_helpers import SSCD_NAME, assert_same_bank, shard_count, write_test_sscd
+from finextract_core.bank import CandidateBank, merge_banks
+from run_demo import write_demo_models
+
+COUNT, STEPS = 4, 2
+# Rows of a different batch size go through the CPU's kernels in another order: equal to rounding, not bit for bit.
+BATCH_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup(host, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bank")
+    write_demo_models(str(base / "models"))
+    for sub in ("checkpoints", "loras"):
+        host.folder_paths.add_model_folder_path(sub, str(base / "models" / sub))
+    host.folder_paths.add_model_folder_path("sscd", str(base / "sscd"))
+    write_test_sscd(str(base / "sscd"))
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    model, clip, vae = nodes["CheckpointLoaderSimple"]().load_checkpoint("base.safetensors")[:3]
+    lora = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, "style.safetensors", 1.0)[0]
+    encode = nodes["CLIPTextEncode"]()
+    return {
+        "nodes": nodes, "folder": base / "banks", "vae": vae,
+        # The pack's own copy of the module: its BankError is the class the nodes raise.
+        "BankError": importlib.import_module(f"{host.pack_name}.finextract_core.bank").BankError,
+        "inputs": dict(fine_tuned=lora, pretrained=model, positive=encode.encode(clip, "sks style")[0],
+                       negative=encode.encode(clip, "")[0], mode="finextract", guidance_scale=5.0, k=0.0,
+                       latent_image=nodes["EmptyLatentImage"]().generate(64, 64, 1)[0], seed=7, steps=STEPS,
+                       sampler_name="ddim", scheduler="ddim_uniform", vae=vae, sscd_model=SSCD_NAME, preset="paper"),
+    }
+
+
+def make_bank(setup, name, num_candidates=COUNT, first_candidate=0, batch_size=COUNT, **changes):
+    node = setup["nodes"]["FineXtractCandidateBank"]
+    inputs = {**setup["inputs"], **changes}
+    return node.execute(**inputs, num_candidates=num_candidates, first_candidate=first_candidate,
+                        batch_size=batch_size, bank_folder=str(setup["folder"] / name)).args
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One uninterrupted run of COUNT candidates in a single batch."""
+    embeddings, rows = make_bank(setup, "reference")
+    return str(setup["folder"] / "reference"), embeddings, rows
+
+
+def test_batch_size_does_not_change_a_candidate(setup, reference):
+    folder, embeddings, _ = reference
+    assert embeddings.vectors.shape == (COUNT, 512) and embeddings.space == "sscd_test/preset paper"
+    assert shard_count(folder) == 1
+    make_bank(setup, "one_by_one", batch_size=1)
+    assert shard_count(str(setup["folder"] / "one_by_one")) == COUNT
+    assert_same_bank(str(setup["folder"] / "one_by_one"), folder, COUNT, BATCH_TOLERANCE)
+    latents = CandidateBank.read(folder).latents(list(range(COUNT)))
+    assert (latents[0] - latents[1]).abs().max() > 0.1, "different candidates must come from different noise"
+
+
+def test_stochastic_sampler_noise_is_per_candidate_too(setup):
+    make_bank(setup, "ancestral_batch", num_candidates=2, batch_size=2, sampler_name="euler_ancestral")
+    make_bank(setup, "ancestral_single", num_candidates=2, batch_size=1, sampler_name="euler_ancestral")
+    assert_same_bank(str(setup["folder"] / "ancestral_single"), str(setup["folder"] / "ancestral_batch"), 2,
+                     BATCH_TOLERANCE)
+
+
+def test_extending_n_keeps_the_first_candidates(setup, reference):
+    folder = setup["folder"] / "extended"
+    make_bank(setup, "extended", num_candidates=2, batch_size=2)
+    first_shard = sorted(os.listdir(folder))
+    first_bytes = {name: (folder / name).read_bytes() for name in first_shard if name.startswith("candidates-")}
+    embeddings, _ = make_bank(setup, "extended", num_candidates=COUNT, batch_size=2)
+    for name, content in first_bytes.items():
+        assert (folder / name).read_bytes() == content, f"{name} was rewritten when N was raised"
+    assert shard_count(str(folder)) == 2
+    assert_same_bank(str(folder), reference[0], COUNT, BATCH_TOLERANCE)
+    assert len(embeddings) == COUNT
+
+
+def test_shards_of_index_ranges_merge_into_one_run(setup, reference):
+    first_half, _ = make_bank(setup, "machine_a", num_candidates=2, first_candidate=0, batch_size=2)
+    second_half, rows = make_bank(setup, "machine_b", num_candidates=2, first_candidate=2, batch_size=2)
+    assert rows.candidates == (2, 3) and len(second_half) == 2
+    merged = str(setup["folder"] / "merged")
+    assert merge_banks(merged, [str(setup["folder"] / "machine_a"), str(setup["folder"] / "machine_b")]) == COUNT
+    assert merge_banks(merged, [str(setup["folder"] / "machine_b")]) == 0, "nothing new: nothing copied"
+    assert_same_bank(merged, reference[0], COUNT, BATCH_TOLERANCE)
+    # The node finds everything in the merged bank and generates nothing.
+    shards = shard_count(merged)
+    embeddings, _ = make_bank(setup, "merged")
+    assert shard_count(merged) == shards
+    assert (embeddings.vectors[:2] == first_half.vectors).all() and (embeddings.vectors[2:] == second_half.vectors).all()
+
+
+def test_decode_chosen_candidates_from_cliquecluster(setup, reference):
+    nodes, vae = setup["nodes"], setup["vae"]
+    _, embeddings, rows = reference
+    decode = nodes["FineXtractDecodeBankCandidates"]
+    every = decode.execute(rows, vae, ", ".join(str(i) for i in range(COUNT))).args[0]
+    assert every.shape == (COUNT, 64, 64, 3)
+    extracted, _, _, clusters_json = nodes["FineXtractCliqueCluster"].execute(every, embeddings, 2, "paper", 1).args
+    chosen = decode.execute(rows, vae, clusters_json).args[0]
+    assert torch.equal(chosen, extracted), "decoding the centres must give CliqueCluster's extracted images"
+    assert torch.equal(decode.execute(rows, vae, "[3, 0]").args[0], every[[3, 0]])
+    with pytest.raises(ValueError, match=r"outside the bank's 4 embeddings"):
+        decode.execute(rows, vae, "1, 9")
+    with pytest.raises(ValueError, match="clusters_json, or positions"):
+        decode.execute(rows, vae, "")
+
+
+def test_bad_input_is_answered_with_advice(setup, reference):
+    nodes = setup["nodes"]
+    _, embeddings, rows = reference
+    images = nodes["FineXtractDecodeBankCandidates"].execute(rows, setup["vae"], "0, 1, 2, 3").args[0]
+    cluster = nodes["FineXtractCliqueCluster"]
+    with pytest.raises(ValueError, match="N0"):
+        cluster.execute(images, embeddings, COUNT + 1, "paper", 1)
+    with pytest.raises(ValueError, match="N0"):
+        cluster.execute(images, embeddings, 0, "paper", 1)
+    # Embeddings of another preset (or model) are never compared with the bank's.
+    (other_preset,) = nodes["FineXtractSSCDEmbed"].execute(images, SSCD_NAME, "sscd", 4).args
+    with pytest.raises(ValueError, match="preset"):
+        nodes["FineXtractExtractionMetrics"].execute(images, other_preset, images, embeddings, 0.6, 0.7)
+    # A folder holding a bank of other settings is refused, naming what differs.
+    with pytest.raises(setup["BankError"], match=r"other settings \(seed: 7 there, 8 now\)"):
+        make_bank(setup, "reference", seed=8)
+    with pytest.raises(setup["BankError"], match="other settings.*preset"):
+        make_bank(setup, "reference", preset="sscd")
+    blocker = setup["folder"] / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(setup["BankError"], match="Cannot write the candidate bank.*Choose a bank_folder"):
+        make_bank(setup, "a_file/bank")
+    with pytest.raises(FileNotFoundError, match="models/sscd"):
+        make_bank(setup, "no_sscd", sscd_model="(no SSCD file in models/sscd)")
+
+
+def test_a_corrupt_or_foreign_shard_is_named(setup, reference):
+    folder = setup["folder"] / "corrupt"
+    corrupt = dict(num_candidates=2, batch_size=1, seed=9)  # other settings than the reference: its shards are foreign
+    make_bank(setup, "corrupt", **corrupt)
+    shard = sorted(name for name in os.listdir(folder) if name.startswith("candidates-"))[1]
+    content = (folder / shard).read_bytes()
+    (folder / shard).write_bytes(content[: len(content) // 2])  # a truncated copy
+    with pytest.raises(setup["BankError"], match=f"{shard} is unreadable.*Delete that file"):
+        make_bank(setup, "corrupt", **corrupt)
+    (folder / shard).unlink()
+    make_bank(setup, "corrupt", **corrupt)  # only the deleted candidate is made again
+    assert shard_count(str(folder)) == 2
+    foreign = sorted(name for name in os.listdir(reference[0]) if name.startswith("candidates-"))[0]
+    (folder / "candidates-00000099-0004.safetensors").write_bytes((setup["folder"] / "reference" / foreign).read_bytes())
+    with pytest.raises(setup["BankError"], match="belongs to another bank"):
+        make_bank(setup, "corrupt", **corrupt)
+
+
+def test_bank_manifest_is_json_with_the_whole_key(reference):
+    with open(os.path.join(reference[0], "bank.json")) as handle:
+        manifest = json.load(handle)
+    key = manifest["key"]
+    for field in ("fine_tuned", "pretrained", "positive", "negative", "mode", "guidance_scale", "k", "seed", "steps",
+                  "sampler", "scheduler", "latent_shape", "vae", "embedder", "embedder_weights", "preset", "scheme"):
+        assert field in key, field
+    assert key["fine_tuned"] != key["pretrained"], "the LoRA's patches must be part of the fine-tuned model's identity"
+    assert key["latent_shape"] == [4, 8, 8]
