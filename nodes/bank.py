@@ -21,7 +21,7 @@ from comfy_api.latest import io
 
 from ..finextract_core import sscd
 from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, fingerprint
-from .embedding import DOWNLOAD, NO_FILE, SSCD_FOLDER, _sscd_models, missing_file_message
+from .embedding import DOWNLOAD, NO_FILE, SSCD_FOLDER, load_sscd
 from .guidance import _guidance_inputs, sample_with_guider, sampling_inputs
 from .guider import build_guider
 from .types import Embeddings
@@ -48,13 +48,6 @@ def resolve_bank_folder(bank_folder: str) -> str:
         raise ValueError("bank_folder is empty: name a folder for the candidate bank (relative paths go under "
                          "ComfyUI's output folder)")
     return os.path.join(folder_paths.get_output_directory(), os.path.expanduser(bank_folder.strip()))
-
-
-def load_sscd(sscd_model: str) -> sscd.SSCDModel:
-    path = folder_paths.get_full_path(SSCD_FOLDER, sscd_model) if sscd_model != NO_FILE else None
-    if path is None:
-        raise FileNotFoundError(missing_file_message(sscd_model))
-    return _sscd_models.get(path)
 
 
 def model_identity(patcher) -> str:
@@ -195,13 +188,17 @@ class DecodeBankCandidates(io.ComfyNode):
 
     @classmethod
     def execute(cls, bank, vae, indices) -> io.NodeOutput:
-        positions = parse_positions(indices)
-        outside = [p for p in positions if not 0 <= p < len(bank.candidates)]
-        if outside:
-            raise ValueError(f"positions {outside} are outside the bank's {len(bank.candidates)} embeddings (0 to "
-                             f"{len(bank.candidates) - 1}): use indices of the embeddings this bank output")
-        latents = bank.bank.latents([bank.candidates[p] for p in positions])
-        return io.NodeOutput(comfy_nodes.VAEDecode().decode(vae, {"samples": latents})[0])
+        return io.NodeOutput(decode_candidates(bank, vae, parse_positions(indices)))
+
+
+def decode_candidates(bank: BankRows, vae, positions: list[int]) -> torch.Tensor:
+    """The IMAGE of the candidates at ``positions`` (rows of the bank's EMBEDDINGS), decoded from their latents."""
+    outside = [p for p in positions if not 0 <= p < len(bank.candidates)]
+    if outside:
+        raise ValueError(f"positions {outside} are outside the bank's {len(bank.candidates)} embeddings (0 to "
+                         f"{len(bank.candidates) - 1}): use indices of the embeddings this bank output")
+    latents = bank.bank.latents([bank.candidates[p] for p in positions])
+    return comfy_nodes.VAEDecode().decode(vae, {"samples": latents})[0]
 
 
 NODES = [CandidateBankNode, DecodeBankCandidates]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..finextract_core import clustering
+from .bank import CandidateBankType, decode_candidates
 from .types import Embeddings
 
 CATEGORY = "FineXtract/clustering"
@@ -20,14 +21,11 @@ class CliqueCluster(io.ComfyNode):
             description="Groups the candidates into N0 clusters of mutually similar images (threshold graph and "
                         "cliques, Sec. 4.3 of the paper) and returns each cluster's centre, biggest cluster first.",
             inputs=[
-                io.Image.Input("candidates", tooltip="The N generated candidates (N = 50 x N0 in the paper)."),
-                Embeddings.Input("embeddings", tooltip="The candidates' descriptors, in the same order (SSCD Embed)."),
+                Embeddings.Input("embeddings", tooltip="The candidates' descriptors (SSCD Embed, or a Candidate Bank)."),
                 io.Int.Input("n0", default=10, min=1, max=100000,
                              tooltip="N0: how many training images to extract (the fine-tuning set's size)."),
-                io.Combo.Input("method", options=list(clustering.METHODS), default="paper",
-                               tooltip="paper: raise the threshold in 0.01 steps until the greedy clique partition "
-                               "has N0 cliques (exact, deterministic). complete_linkage: monotone in the threshold, "
-                               "so exactly N0 groups, each a clique."),
+                io.Combo.Input("method", options=list(clustering.METHODS), default=clustering.METHODS[0],
+                               tooltip=" ".join(f"{name}: {text}" for name, text in clustering.METHOD_DESCRIPTIONS.items())),
                 io.Int.Input("min_clique_size", default=clustering.DEFAULT_MIN_CLIQUE_SIZE, min=1, max=1000,
                              tooltip="Clusters smaller than this are not counted: 1 lets a lone candidate count as "
                              "extracted (the paper's code), 2 needs at least two similar candidates."),
@@ -41,13 +39,17 @@ class CliqueCluster(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, candidates, embeddings, n0, method, min_clique_size) -> io.NodeOutput:
-        if candidates.shape[0] != len(embeddings):
+    def execute(cls, embeddings, n0, method, min_clique_size, candidates=None, bank=None, vae=None) -> io.NodeOutput:
+        if candidates is None and (bank is None or vae is None):
+            raise ValueError("connect the candidate images, or the Candidate Bank's bank and its VAE, so that the "
+                             "extracted candidates can be output as images")
+        if candidates is not None and candidates.shape[0] != len(embeddings):
             raise ValueError(f"{candidates.shape[0]} candidate images but {len(embeddings)} embeddings: embed the same "
                              "batch that you cluster")
         result = clustering.cluster_candidates(embeddings, n0, method=method, min_clique_size=min_clique_size)
         centres = list(result.centres)
-        return io.NodeOutput(candidates[centres], embeddings.subset(centres), result.summary(), result.to_json())
+        extracted = candidates[centres] if candidates is not None else decode_candidates(bank, vae, centres)
+        return io.NodeOutput(extracted, embeddings.subset(centres), result.summary(), result.to_json())
 
 
 NODES = [CliqueCluster]

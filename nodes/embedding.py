@@ -60,6 +60,14 @@ _clip_models = _LastModel(lambda path, architecture, quick_gelu: clip_embed.load
     architecture, path, quick_gelu=quick_gelu, device="cpu"))
 
 
+def load_sscd(sscd_model: str) -> sscd.SSCDModel:
+    """The SSCD model of a file name from the models/sscd list (cached), or a message saying where to put one."""
+    path = folder_paths.get_full_path(SSCD_FOLDER, sscd_model) if sscd_model != NO_FILE else None
+    if path is None:
+        raise FileNotFoundError(missing_file_message(sscd_model))
+    return _sscd_models.get(path)
+
+
 def _embed_on_device(model, embed):
     """Runs ``embed(device)`` on ComfyUI's device, and gives the memory back afterwards."""
     try:
@@ -92,10 +100,7 @@ class SSCDEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, sscd_model, preset, batch_size) -> io.NodeOutput:
-        path = folder_paths.get_full_path(SSCD_FOLDER, sscd_model) if sscd_model != NO_FILE else None
-        if path is None:
-            raise FileNotFoundError(missing_file_message(sscd_model))
-        model = _sscd_models.get(path)
+        model = load_sscd(sscd_model)
         return io.NodeOutput(_embed_on_device(
             model, lambda device: sscd.embed_images(model, images, preset, batch_size=batch_size, device=device)))
 

@@ -112,9 +112,13 @@ def test_decode_chosen_candidates_from_cliquecluster(setup, reference):
     decode = nodes["FineXtractDecodeBankCandidates"]
     every = decode.execute(rows, vae, ", ".join(str(i) for i in range(COUNT))).args[0]
     assert every.shape == (COUNT, 64, 64, 3)
-    extracted, _, _, clusters_json = nodes["FineXtractCliqueCluster"].execute(every, embeddings, 2, "paper", 1).args
+    cluster = nodes["FineXtractCliqueCluster"]
+    extracted, _, _, clusters_json = cluster.execute(embeddings, 2, "paper", 1, candidates=every).args
     chosen = decode.execute(rows, vae, clusters_json).args[0]
     assert torch.equal(chosen, extracted), "decoding the centres must give CliqueCluster's extracted images"
+    # Given the bank instead of the images, CliqueCluster decodes just its centres: the same images.
+    from_bank = cluster.execute(embeddings, 2, "paper", 1, bank=rows, vae=vae).args
+    assert torch.equal(from_bank[0], extracted) and from_bank[3] == clusters_json
     assert torch.equal(decode.execute(rows, vae, "[3, 0]").args[0], every[[3, 0]])
     with pytest.raises(ValueError, match=r"outside the bank's 4 embeddings"):
         decode.execute(rows, vae, "1, 9")
@@ -128,9 +132,9 @@ def test_bad_input_is_answered_with_advice(setup, reference):
     images = nodes["FineXtractDecodeBankCandidates"].execute(rows, setup["vae"], "0, 1, 2, 3").args[0]
     cluster = nodes["FineXtractCliqueCluster"]
     with pytest.raises(ValueError, match="N0"):
-        cluster.execute(images, embeddings, COUNT + 1, "paper", 1)
+        cluster.execute(embeddings, COUNT + 1, "paper", 1, candidates=images)
     with pytest.raises(ValueError, match="N0"):
-        cluster.execute(images, embeddings, 0, "paper", 1)
+        cluster.execute(embeddings, 0, "paper", 1, candidates=images)
     # Embeddings of another preset (or model) are never compared with the bank's.
     (other_preset,) = nodes["FineXtractSSCDEmbed"].execute(images, SSCD_NAME, "sscd", 4).args
     with pytest.raises(ValueError, match="preset"):

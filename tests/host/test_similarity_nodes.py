@@ -1,0 +1,145 @@
+"""SSCDEmbed -> CliqueCluster -> ExtractionMetrics as ComfyUI nodes, on planted candidates with a real weight file.
+
+The SSCD file is a ResNet50 SSCD with seeded random weights (projection centred) saved as safetensors in a folder
+registered under models/sscd; planted candidates are two unmistakable prototype images, each repeated with small
+pixel noise, so the ground truth (which candidate belongs to which prototype) is known. How well the clustering
+separates harder cases is tested on planted vectors in tests/core; here the nodes' wiring is under test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+N0, COPIES, SIZE = 2, 10, 64
+
+
+def prototype_images() -> torch.Tensor:
+    """Two images no descriptor can confuse: fine black-and-white stripes, and a smooth colour gradient."""
+    ramp = torch.linspace(0, 1, SIZE)
+    stripes = ((torch.arange(SIZE) // 2) % 2).float().view(1, SIZE, 1).expand(SIZE, SIZE, 3)
+    gradient = torch.stack([ramp.view(SIZE, 1).expand(SIZE, SIZE), ramp.view(1, SIZE).expand(SIZE, SIZE),
+                            torch.full((SIZE, SIZE), 0.3)], dim=-1)
+    return torch.stack([stripes, gradient])
+
+
+def planted_candidates(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(prototypes [N0,H,W,3], candidates: COPIES noisy copies of each prototype shuffled, each one's prototype)."""
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = prototype_images()
+    labels = [i for i in range(N0) for _ in range(COPIES)]
+    order = torch.randperm(len(labels), generator=gen).tolist()
+    labels = [labels[i] for i in order]
+    jitter = torch.randn(len(labels), SIZE, SIZE, 3, generator=gen) * 0.01
+    return prototypes, (prototypes[labels] + jitter).clamp(0, 1), labels
+
+
+@pytest.fixture(scope="module")
+def sscd_file(host, tmp_path_factory):
+    from finextract_core import sscd
+
+    folder = tmp_path_factory.mktemp("sscd")
+    torch.manual_seed(0)
+    model = sscd.SSCDModel(sscd.RESNET50, "sscd_test").eval()
+    # A random trunk gives every image nearly the same pooled feature (all ReLU outputs are positive), so the
+    # projection is centred on the mean feature of other random images: what remains is how an image differs from
+    # a typical one, and unrelated images come out roughly uncorrelated, as with trained SSCD.
+    with torch.no_grad():
+        typical = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(100))
+        typical = torch.nn.functional.interpolate(typical, size=(SIZE, SIZE), mode="bicubic").clamp(0, 1)
+        pooled = model.embeddings[0](model.backbone(sscd.preprocess(typical.permute(0, 2, 3, 1), "paper")))
+        projection = model.embeddings[1]
+        projection.bias.copy_(-projection.weight @ pooled.mean(dim=0))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "sscd_test.safetensors"))
+    host.folder_paths.add_model_folder_path("sscd", str(folder))
+    return "sscd_test.safetensors"
+
+
+def run(node, *args, **kwargs):
+    return node.execute(*args, **kwargs).args
+
+
+def node_classes(host, *node_ids):
+    return [host.nodes.NODE_CLASS_MAPPINGS[node_id] for node_id in node_ids]
+
+
+def test_attack_back_half_recovers_the_planted_images(host, sscd_file):
+    embed, cluster, metrics = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueCluster",
+                                           "FineXtractExtractionMetrics")
+    prototypes, candidates, labels = planted_candidates()
+    (candidate_embeddings,) = run(embed, candidates, sscd_file, "paper", 8)
+    assert candidate_embeddings.vectors.shape == (N0 * COPIES, 512)
+    # The paper's own rule merges these two groups (its documented weakness, tested in tests/core).
+    for method in ("best_threshold", "complete_linkage"):
+        extracted, extracted_embeddings, summary, clusters_json = run(cluster, candidate_embeddings, N0, method, 2,
+                                                                      candidates=candidates)
+        assert extracted.shape == (N0, SIZE, SIZE, 3)
+        centres = json.loads(clusters_json)["centres"]
+        assert torch.equal(extracted, candidates[centres]), "the extracted images must be the cluster centres"
+        assert (extracted_embeddings.vectors == candidate_embeddings.vectors[centres]).all()
+        clusters = json.loads(clusters_json)
+        assert sorted(clusters["sizes"]) == [COPIES] * N0, summary
+        for members in clusters["members"]:
+            assert len({labels[m] for m in members}) == 1, f"{method}: a cluster mixes prototypes: {summary}"
+        (reference_embeddings,) = run(embed, prototypes, sscd_file, "paper", 8)
+        as_score, esr_loose, esr_strict, table, metrics_json, grid = run(
+            metrics, prototypes, reference_embeddings, extracted, extracted_embeddings, 0.6, 0.7)
+        by_hand = (reference_embeddings.vectors @ extracted_embeddings.vectors.T).max(axis=1)
+        assert abs(as_score - float(by_hand.mean())) < 1e-6
+        assert as_score > 0.95 and esr_loose == 1.0 and esr_strict == 1.0
+        best_matches = [int(row.split(",")[1]) for row in table.strip().splitlines()[1:]]
+        assert sorted(best_matches) == list(range(N0)), "each prototype must be matched by its own extracted image"
+        assert grid.shape[0] == 1 and grid.shape[-1] == 3 and grid.shape[1] == N0 * 256
+
+
+def test_similarity_nodes_refuse_bad_input_with_advice(host, sscd_file):
+    embed, cluster, metrics = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueCluster",
+                                           "FineXtractExtractionMetrics")
+    prototypes, candidates, _ = planted_candidates()
+    with pytest.raises(FileNotFoundError, match=r"models/sscd.*dl\.fbaipublicfiles\.com"):
+        run(embed, candidates, "(no SSCD file in models/sscd)", "paper", 8)
+    (paper,) = run(embed, prototypes, sscd_file, "paper", 8)
+    (sscd_preset,) = run(embed, prototypes, sscd_file, "sscd", 8)
+    with pytest.raises(ValueError, match="preset"):
+        run(metrics, prototypes, paper, prototypes, sscd_preset, 0.6, 0.7)
+    with pytest.raises(ValueError, match="N0"):
+        run(cluster, paper, N0 + 1, "paper", 1, candidates=prototypes)
+    with pytest.raises(ValueError, match="embed the same batch"):
+        run(cluster, paper, 1, "paper", 1, candidates=candidates)
+    with pytest.raises(ValueError, match="Candidate Bank"):
+        run(cluster, paper, 1, "paper", 1)
+
+
+def test_clip_embed_node_reads_local_weights_and_never_mixes_with_sscd(host, sscd_file, tmp_path):
+    import open_clip
+
+    config = {"embed_dim": 32,
+              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "finextract-node-vit.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "finextract-node-vit.json"))
+    torch.manual_seed(1)
+    weights = open_clip.create_model("finextract-node-vit", pretrained=None).state_dict()
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "tiny.safetensors"))
+    host.folder_paths.add_model_folder_path("open_clip", str(folder))
+
+    clip_embed, sscd_embed, metrics = node_classes(host, "FineXtractOpenCLIPEmbed", "FineXtractSSCDEmbed",
+                                                   "FineXtractExtractionMetrics")
+    prototypes, candidates, _ = planted_candidates()
+    (clip_vectors,) = run(clip_embed, candidates, "tiny.safetensors", "finextract-node-vit", False, 8)
+    assert clip_vectors.vectors.shape == (N0 * COPIES, 32)
+    assert clip_vectors.model_id.startswith("open_clip:finextract-node-vit:")
+    (again,) = run(clip_embed, candidates, "tiny.safetensors", "finextract-node-vit", False, 3)
+    # Another batch size changes only float rounding (well below the clustering's 1e-5 quantisation).
+    assert np.abs(again.vectors - clip_vectors.vectors).max() < 1e-6
+    (sscd_vectors,) = run(sscd_embed, prototypes, sscd_file, "paper", 8)
+    with pytest.raises(ValueError, match="same model"):
+        run(metrics, prototypes, sscd_vectors, candidates, clip_vectors, 0.6, 0.7)
+    with pytest.raises(FileNotFoundError, match="models/open_clip|open_clip weights"):
+        run(clip_embed, candidates, "(no CLIP file in models/open_clip)", "ViT-B-32", False, 8)
