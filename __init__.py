@@ -2,4 +2,7 @@
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+# The front-end extension (web/js), served by ComfyUI under /extensions/<pack folder>/.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
