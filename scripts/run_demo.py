@@ -1,8 +1,10 @@
-"""The main job: a FineXtract run on the built-in demo models, through a real ComfyUI server started here.
+"""The main job: the pack's DreamBooth and LoRA example workflows, run on demo models through a real ComfyUI server.
 
-Builds (once, then reuses) small SD 1.x-shaped demo models: a base checkpoint, a DreamBooth-style fine-tuned UNet
-and a LoRA. Starts ComfyUI headless on 127.0.0.1, queues the DreamBooth and the LoRA attack over the HTTP API
-(N = 50 x N0 candidates each, with the paper's defaults), and leaves the images in OUT/images/<case>/.
+Builds (once, then reuses) small SD 1.x-shaped demo models: a base checkpoint, a DreamBooth-style fine-tuned
+checkpoint (and UNet), a LoRA and an SSCD file. Starts ComfyUI headless on 127.0.0.1, converts
+workflows/finextract_dreambooth.json and workflows/finextract_lora.json to API form with the demo files swapped in,
+queues them over the HTTP API (N = 50 x N0 candidates each, the paper's w' and k) and copies each audit report
+(report.html, summary.png, the extracted images, report.json) to OUT/<case>/.
 
     python scripts/run_demo.py [--out out/demo] [--n0 1] [--steps 10]
 
@@ -12,6 +14,7 @@ The demo models have random weights: the run shows the pipeline working end to e
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -19,13 +22,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from comfy_server import REPO_ROOT, ComfyServer, execution_error, saved_images  # noqa: E402
+import make_workflows  # noqa: E402
+from comfy_server import REPO_ROOT, ComfyServer, execution_error  # noqa: E402
+from workflow_api import ui_to_api  # noqa: E402
 
 # Bump when the demo models change, so cached ones are rebuilt.
 DEMO_MODELS_VERSION = "1"
-CASES = {
-    "dreambooth": {"fine_tuned": ["dreambooth", 0], "guidance_scale": 3.0, "k": -0.02},
-    "lora": {"fine_tuned": ["lora", 0], "guidance_scale": 5.0, "k": 0.0},
+DEMO_WORKFLOW_FILES_VERSION = "1"
+DEMO_SSCD = "demo_sscd.safetensors"
+# The example workflows' model files -> the demo's.
+DEMO_FILES = {
+    make_workflows.BASE_FILE: "base.safetensors",
+    make_workflows.DREAMBOOTH_FILE: "dreambooth.safetensors",
+    make_workflows.LORA_FILE: "style.safetensors",
+    make_workflows.SSCD_FILE: DEMO_SSCD,
 }
 
 
@@ -73,6 +83,69 @@ def write_demo_models(models: str) -> None:
         f.write(DEMO_MODELS_VERSION)
 
 
+def write_workflow_demo_models(models: str) -> None:
+    """The demo models plus what the example workflows also load: the DreamBooth fine-tune as a full checkpoint
+    (the base's text encoder and VAE, so both loaders give the same CLIP) and an SSCD file."""
+    write_demo_models(models)
+    stamp = os.path.join(models, ".workflow-demo-files-version")
+    if os.path.exists(stamp) and open(stamp).read() == DEMO_WORKFLOW_FILES_VERSION:
+        return
+    import tiny_models
+    from safetensors.torch import load_file, save_file
+
+    unet = load_file(os.path.join(models, "diffusion_models", "dreambooth.safetensors"))
+    tiny_models.save_sd15_checkpoint(os.path.join(models, "checkpoints", "dreambooth.safetensors"), unet)
+    os.makedirs(os.path.join(models, "sscd"), exist_ok=True)
+    save_file(centred_random_sscd(), os.path.join(models, "sscd", DEMO_SSCD))
+    with open(stamp, "w") as f:
+        f.write(DEMO_WORKFLOW_FILES_VERSION)
+
+
+def centred_random_sscd(seed: int = 0) -> dict:
+    """State dict of a ResNet-50 SSCD with seeded random weights whose projection is centred on the mean feature of
+    random smooth images: a random trunk maps every image to nearly the same pooled feature (all ReLU outputs are
+    positive), and centring leaves how an image differs from a typical one, so unrelated images come out roughly
+    uncorrelated, as with the trained model."""
+    import torch
+
+    if REPO_ROOT not in sys.path:
+        sys.path.append(REPO_ROOT)  # appended: the pack's nodes/ must never shadow ComfyUI's nodes module
+    from finextract_core import sscd
+
+    torch.manual_seed(seed)
+    model = sscd.SSCDModel(sscd.RESNET50, "demo_sscd").eval()
+    with torch.no_grad():
+        typical = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(seed + 100))
+        typical = torch.nn.functional.interpolate(typical, size=(64, 64), mode="bicubic").clamp(0, 1)
+        pooled = model.embeddings[0](model.backbone(sscd.preprocess(typical.permute(0, 2, 3, 1), "paper")))
+        projection = model.embeddings[1]
+        projection.bias.copy_(-projection.weight @ pooled.mean(dim=0))
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def demo_prompt(workflow: str, object_info: dict, *, n0: int, candidates: int, steps: int, size: int) -> dict:
+    """An example workflow in API form, with the demo files and a small run (size, candidates, steps, N0)."""
+    with open(os.path.join(make_workflows.WORKFLOWS_DIR, f"{workflow}.json")) as f:
+        prompt = ui_to_api(json.load(f), object_info)
+    small_run = {
+        "EmptyLatentImage": {"width": size, "height": size, "batch_size": candidates},
+        "FineXtractModelGuidanceSampler": {"steps": steps},
+        "FineXtractCliqueCluster": {"n0": n0},
+    }
+    for node in prompt.values():
+        inputs = node["inputs"]
+        inputs.update({name: DEMO_FILES[value] for name, value in inputs.items()
+                       if isinstance(value, str) and value in DEMO_FILES})
+        inputs.update(small_run.get(node["class_type"], {}))
+    return prompt
+
+
+def report_folders(prompt: dict, output: str) -> list[str]:
+    """Where the prompt's Audit Report nodes write, under ComfyUI's output directory."""
+    return [os.path.join(output, node["inputs"]["folder_prefix"]) for node in prompt.values()
+            if node["class_type"] == "FineXtractAuditReport"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "demo"))
@@ -87,34 +160,37 @@ def main() -> int:
         print(f"[demo {time.monotonic() - started:5.0f} s] {message}", flush=True)
 
     progress("building or reusing the demo models")
-    write_demo_models(os.path.join(comfy_base, "models"))
+    write_workflow_demo_models(os.path.join(comfy_base, "models"))
     progress("starting ComfyUI on 127.0.0.1")
     with ComfyServer(comfy_base) as server:
-        for case, settings in CASES.items():
+        object_info = server.get("/object_info")
+        for case in ("dreambooth", "lora"):
+            workflow = f"finextract_{case}"
             n = 50 * opts.n0
-            progress(f"{case}: sampling N = {n} candidates with FineXtract (w' = {settings['guidance_scale']}, "
-                     f"k = {settings['k']})")
-            prompt = attack_prompt(settings["fine_tuned"], f"demo_{case}", guidance_scale=settings["guidance_scale"],
-                                   k=settings["k"], batch=n, steps=opts.steps)
+            progress(f"{case}: workflows/{workflow}.json, N = {n} candidates, N0 = {opts.n0}")
+            prompt = demo_prompt(workflow, object_info, n0=opts.n0, candidates=n, steps=opts.steps, size=64)
+            prompt_id = server.queue(prompt)
             last = [time.monotonic()]
 
             def tick() -> None:
                 if time.monotonic() - last[0] > 10:
                     last[0] = time.monotonic()
-                    progress(f"{case}: still sampling")
+                    running = server.get("/queue")["queue_running"]
+                    progress(f"{case}: {'running' if running else 'waiting'}")
 
-            entry = server.run(prompt, on_progress=tick)
+            entry = server.wait(prompt_id, on_progress=tick)
             error = execution_error(entry)
             if error:
                 print(f"[demo] {case} failed: {error}\nComfyUI log: {server.log_path}", file=sys.stderr)
                 return 1
-            target = os.path.join(out, "images", case)
+            (report_folder,) = report_folders(prompt, os.path.join(server.base, "output"))
+            target = os.path.join(out, case)
             shutil.rmtree(target, ignore_errors=True)
-            os.makedirs(target)
-            for path in saved_images(entry, server.base):
-                shutil.move(path, os.path.join(target, os.path.basename(path)))
-            progress(f"{case}: {len(os.listdir(target))} candidates in {target}")
-    progress(f"done: results in {out}/images")
+            shutil.copytree(report_folder, target)
+            with open(os.path.join(target, "report.json")) as f:
+                sizes = json.load(f)["clustering"]["sizes"]
+            progress(f"{case}: {len(sizes)} extracted image(s) (cluster sizes {sizes}); report {target}/report.html")
+    progress(f"done: extracted images and audit reports in {out}/dreambooth and {out}/lora")
     return 0
 
 
