@@ -53,6 +53,18 @@ fi
 
 "$PY" -m pip install -q -r "$ROOT/requirements.txt" pytest
 
+# Headless Chromium for the front-end test (Debian's packages); without it that one test is skipped.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif command -v sudo >/dev/null 2>&1; then APT="sudo apt-get"; else APT=""; fi
+  if [ -n "$APT" ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium and chromium-driver (front-end test)"
+    { $APT update -q && DEBIAN_FRONTEND=noninteractive $APT install -y -q chromium chromium-driver; } >/dev/null ||
+      say "could not install chromium: the front-end test will be skipped"
+  else
+    say "no chromium and no apt-get: the front-end test will be skipped"
+  fi
+fi
+
 BASE=$HOST/base
 mkdir -p "$BASE/custom_nodes" "$BASE/models" "$BASE/output" "$BASE/input" "$BASE/user"
 ln -sfn "$ROOT" "$BASE/custom_nodes/finextract"
