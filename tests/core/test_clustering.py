@@ -11,6 +11,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from benchmarks.bench_clustering import planted as benchmark_planted
 from benchmarks.bench_clustering import recovered
+from finextract_core import clustering
 from finextract_core.clustering import (METHODS, SIMILARITY_SCALE, WorkBudgetExceeded, cluster_candidates,
                                         greedy_clique_partition)
 from finextract_core.embeddings import Embeddings
@@ -242,3 +243,31 @@ def test_clustering_rejects_bad_input_with_advice():
         cluster_candidates(np.zeros((0, 4)), 1)
     single = cluster_candidates(vectors[:1], 1, min_clique_size=1)
     assert (single.centres, single.members) == ((0,), ((0,),))
+
+
+def test_clustering_budget_proof_agrees_with_the_search(monkeypatch):
+    # greedy_partition rules dense graphs out before searching; searching anyway must give the same outcome.
+    prove = clustering._Graph._first_search_exceeds
+    proofs = []
+
+    def counted_proof(*args):
+        proofs.append(prove(*args))
+        return proofs[-1]
+
+    rng = np.random.default_rng(13)
+    exceeded = 0
+    for trial in range(40):
+        n = int(rng.integers(20, 90))
+        adjacency = np.triu(rng.random((n, n)) < rng.uniform(0.3, 0.95), 1)
+        adjacency = adjacency | adjacency.T
+        budget, min_size = int(rng.integers(50, 3000)), int(rng.integers(1, 4))
+        outcomes = []
+        for proof in (counted_proof, lambda *args: False):
+            monkeypatch.setattr(clustering._Graph, "_first_search_exceeds", proof)
+            try:
+                outcomes.append(greedy_clique_partition(adjacency, min_size, budget))
+            except WorkBudgetExceeded:
+                outcomes.append(None)
+        assert outcomes[0] == outcomes[1], f"trial {trial}"
+        exceeded += outcomes[0] is None
+    assert 0 < sum(proofs) < exceeded < len(proofs)  # proofs, searches that exceed anyway, and completed partitions
