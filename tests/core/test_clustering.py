@@ -13,7 +13,7 @@ from benchmarks.bench_clustering import planted as benchmark_planted
 from benchmarks.bench_clustering import recovered
 from finextract_core import clustering
 from finextract_core.clustering import (METHODS, SIMILARITY_SCALE, WorkBudgetExceeded, cluster_candidates,
-                                        greedy_clique_partition)
+                                        greedy_clique_partition, quantised_similarities)
 from finextract_core.embeddings import Embeddings
 
 
@@ -271,3 +271,22 @@ def test_clustering_budget_proof_agrees_with_the_search(monkeypatch):
         assert outcomes[0] == outcomes[1], f"trial {trial}"
         exceeded += outcomes[0] is None
     assert 0 < sum(proofs) < exceeded < len(proofs)  # proofs, searches that exceed anyway, and completed partitions
+
+
+def test_clustering_quantised_similarities_equal_the_full_float64_product():
+    rng = np.random.default_rng(17)
+    # Pairs whose float64 similarity x 1e5 is exactly halfway between two integers: rounding must tie the same way.
+    halfway = [c for c in (np.arange(-99_999, 100_000, 7) + 0.5) / SIMILARITY_SCALE if c * SIMILARITY_SCALE % 1 == 0.5]
+    assert len(halfway) > 1000
+    for n, dim in [(1, 3), (2, 8), (57, 5), (700, 64), (1500, 512)]:
+        vectors = rng.standard_normal((n, dim))
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        if dim >= 2:
+            ties = rng.choice(halfway, size=n // 2)
+            vectors[1::2][:len(ties)] = 0
+            vectors[1::2, 0][:len(ties)] = ties  # similarity to the basis vector below is exactly the tie
+            vectors[0::2][:len(ties)] = 0
+            vectors[0::2, 0][:len(ties)] = 1
+        expected = np.rint(vectors @ vectors.T * SIMILARITY_SCALE)
+        np.fill_diagonal(expected, SIMILARITY_SCALE)
+        assert np.array_equal(quantised_similarities(vectors), expected.astype(np.int32)), (n, dim)
