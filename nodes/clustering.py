@@ -25,10 +25,17 @@ class CliqueCluster(io.ComfyNode):
                 io.Int.Input("n0", default=10, min=1, max=100000,
                              tooltip="N0: how many training images to extract (the fine-tuning set's size)."),
                 io.Combo.Input("method", options=list(clustering.METHODS), default=clustering.METHODS[0],
-                               tooltip=" ".join(f"{name}: {text}" for name, text in clustering.METHOD_DESCRIPTIONS.items())),
+                               tooltip=" ".join(f"{name}: {text}"
+                                                for name, text in clustering.METHOD_DESCRIPTIONS.items())),
                 io.Int.Input("min_clique_size", default=clustering.DEFAULT_MIN_CLIQUE_SIZE, min=1, max=1000,
                              tooltip="Clusters smaller than this are not counted: 1 lets a lone candidate count as "
                              "extracted (the paper's code), 2 needs at least two similar candidates."),
+                io.Image.Input("candidates", optional=True,
+                               tooltip="The N candidate images, in the order of the embeddings. Leave empty when "
+                               "the embeddings come from a Candidate Bank: connect its bank and VAE instead."),
+                CandidateBankType.Input("bank", optional=True, tooltip="A Candidate Bank whose embeddings these are: "
+                                        "only the N0 extracted candidates are decoded."),
+                io.Vae.Input("vae", optional=True, tooltip="The VAE to decode the bank's extracted candidates with."),
             ],
             outputs=[
                 io.Image.Output(display_name="extracted"),
