@@ -330,7 +330,7 @@ def _partition_component(adjacency: np.ndarray, members: np.ndarray, min_size: i
     size = len(members)
     if size < min_size:
         return []
-    if size == 1 or adjacency.sum() == size * (size - 1):  # complete: the component is its own maximum clique
+    if size == 1 or np.count_nonzero(adjacency) == size * (size - 1):  # complete: the component is its own maximum clique
         return [members.tolist()]
     local = _Graph(_bitset_rows(adjacency)).greedy_partition(min_size, work_budget)
     return [members[clique].tolist() for clique in local]
@@ -425,8 +425,7 @@ class _ThresholdGraphs:
             members = component[kept[component]]
             if len(members) < min_size:
                 continue
-            whole = len(members) == len(self.sims)  # skips an N x N gather
-            block = (self.sims if whole else self.sims[np.ix_(members, members)]) >= threshold
+            block = self._adjacency_among(members, threshold)
             np.fill_diagonal(block, False)
             if len(members) == len(component):  # untouched by the peeling: still connected
                 pieces.append((members, block))
@@ -434,6 +433,21 @@ class _ThresholdGraphs:
             pieces.extend((members[piece], block if len(piece) == len(members) else block[np.ix_(piece, piece)])
                           for piece in _dense_components(block) if len(piece) >= min_size)
         return pieces
+
+    def _adjacency_among(self, members: np.ndarray, threshold: int) -> np.ndarray:
+        """The graph's adjacency among ``members`` (ascending indices).
+
+        Gathering int32 entries by index pairs is slow for a large block; one comes from the whole boolean matrix.
+        """
+        n = len(self.sims)
+        if 2 * len(members) <= n:
+            return self.sims[np.ix_(members, members)] >= threshold
+        adjacency = self.sims >= threshold
+        if len(members) == n:
+            return adjacency
+        chosen = np.zeros(n, dtype=bool)
+        chosen[members] = True
+        return adjacency.compress(chosen, axis=0).compress(chosen, axis=1)
 
 
 def _dense_components(adjacency: np.ndarray) -> list[np.ndarray]:
