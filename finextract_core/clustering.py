@@ -32,6 +32,8 @@ the 25th percentile of the off-diagonal similarities and keep the N0 largest cli
       component; each maximum-clique search may take at most ``work_budget`` steps, and a threshold where one needs
       more is skipped, as the paper's code skips a threshold whose subprocess times out after 30 s, but the same on
       every machine;
+    * a search that is sure to exceed the budget is not run: before its first clique it must colour the later
+      neighbours of every vertex whose bound exceeds the clique number, which a greedy colouring bounds;
     * connected components (exact at every threshold from one maximum spanning tree) give a monotone bound: the
       number of cliques of at least s members is at most sum(|C| // s) over components C, which never grows with the
       threshold, so once it drops below N0 the scan stops (no higher threshold can reach N0); the same holds for the
