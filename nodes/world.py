@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import asdict
 
 import torch
 
@@ -22,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..finextract_core.world import store
+from ..finextract_core.world.schedule import Schedule
 from ..finextract_core.world.unet import UNetConfig, WorldUNet
 
 CATEGORY = "FineXtract/world"
@@ -49,8 +51,8 @@ def world_config_class():
 class ComfyWorldUNet(WorldUNet):
     """WorldUNet in ComfyUI's calling convention (keyword config, device/operations, context=..., extra options)."""
 
-    def __init__(self, device=None, operations=None, **config):
-        super().__init__(UNetConfig.from_dict(config))
+    def __init__(self, schedule: dict, device=None, operations=None, **config):
+        super().__init__(UNetConfig.from_dict(config), Schedule(**schedule))
         self.dtype = torch.float32  # ComfyUI casts inputs to the denoiser's dtype
 
     def forward(self, x, timesteps, context=None, **_comfy_options):
@@ -58,7 +60,7 @@ class ComfyWorldUNet(WorldUNet):
 
 
 def world_model(spec: store.WorldSpec, unet_weights: dict[str, torch.Tensor]) -> comfy.model_patcher.ModelPatcher:
-    config = world_config_class()(spec.unet.to_dict())
+    config = world_config_class()({**spec.unet.to_dict(), "schedule": asdict(spec.schedule)})
     config.sampling_settings = spec.schedule.comfy_sampling_settings()  # the schedule the world was trained with
     model = comfy.model_base.BaseModel(config, unet_model=ComfyWorldUNet)
     model.diffusion_model.load_state_dict(unet_weights)

@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .text import TextConfig, TextEncoder
-from .training import LOG, FineTuneSettings, PretrainSettings, Schedule, fine_tune, pretrain
+from .schedule import Schedule
+from .training import LOG, FineTuneSettings, PretrainSettings, fine_tune, pretrain
 from .data import images_digest
 from .unet import UNetConfig, WorldUNet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the UNet adds the schedule's skip term
 SPEC_FILE = "world.json"
 WEIGHTS_FILE = "pretrained.safetensors"
 
@@ -66,7 +67,7 @@ class World:
 def new_modules(spec: WorldSpec) -> tuple[WorldUNet, TextEncoder]:
     """Freshly initialised modules; their initial weights depend only on ``spec.seed``."""
     torch.manual_seed(spec.seed)
-    return WorldUNet(spec.unet), TextEncoder(spec.text)
+    return WorldUNet(spec.unet, spec.schedule), TextEncoder(spec.text)
 
 
 def build_or_load(folder: str, spec: WorldSpec) -> World:

@@ -1,7 +1,5 @@
 """Training the world: pretraining, DreamBooth-style full fine-tuning and LoRA fine-tuning, all eps-prediction.
 
-The noise schedule is the one ComfyUI builds for an EPS model from ``beta_schedule="linear"`` (betas interpolated
-linearly in sqrt space between ``linear_start`` and ``linear_end``), so a model trained here samples correctly there.
 Every function is deterministic given its seed (single-threaded CPU).
 """
 from __future__ import annotations
@@ -9,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,23 +15,10 @@ from torch import nn
 
 from .data import procedural_batch
 from .text import TextEncoder, tokenize
+from .schedule import Schedule
 from .unet import WorldUNet
 
 LOG = logging.getLogger("finextract.world")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    linear_start: float = 0.00085
-    linear_end: float = 0.012
-    timesteps: int = 1000
-
-    def alphas_cumprod(self) -> torch.Tensor:
-        betas = torch.linspace(self.linear_start ** 0.5, self.linear_end ** 0.5, self.timesteps, dtype=torch.float64) ** 2
-        return torch.cumprod(1 - betas, dim=0)  # float64: 1 - abar near t = 0 needs the precision
-
-    def comfy_sampling_settings(self) -> dict:
-        return {"beta_schedule": "linear", **asdict(self)}
 
 
 def diffusion_loss(unet: WorldUNet, images: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -54,7 +39,7 @@ def encode_captions(text_encoder: TextEncoder, captions: list[str]) -> torch.Ten
 class PretrainSettings:
     steps: int = 700  # about 15 minutes on a shared 2-core CPU
     batch: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     ema: float = 0.99  # the saved weights are an exponential moving average: cleaner samples from short training
 
 
