@@ -6,6 +6,7 @@ Used by the host tests and the benchmarks; the host comes from scripts/bootstrap
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import os
 import sys
@@ -14,7 +15,9 @@ import types
 from comfy_server import PACK_FOLDER, read_host_env
 
 
+@functools.cache
 def load_host(threads: int = 1) -> types.SimpleNamespace:
+    """Loads the host once per process; later calls return the same namespace."""
     settings = read_host_env()
     comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
     if not os.path.exists(os.path.join(comfy_root, "main.py")):

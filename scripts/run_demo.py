@@ -90,9 +90,11 @@ def write_workflow_demo_models(models: str) -> None:
     stamp = os.path.join(models, ".workflow-demo-files-version")
     if os.path.exists(stamp) and open(stamp).read() == DEMO_WORKFLOW_FILES_VERSION:
         return
+    from comfy_inprocess import load_host  # ComfyUI's own modules give the layer shapes
     import tiny_models
     from safetensors.torch import load_file, save_file
 
+    load_host()
     unet = load_file(os.path.join(models, "diffusion_models", "dreambooth.safetensors"))
     tiny_models.save_sd15_checkpoint(os.path.join(models, "checkpoints", "dreambooth.safetensors"), unet)
     os.makedirs(os.path.join(models, "sscd"), exist_ok=True)
