@@ -39,6 +39,16 @@ model families (end token in SD 1.x, ``!`` in OpenCLIP). Each row is normalised 
 embeddings) and the rows are pooled by root mean square, so prompts of different lengths compare fairly and a
 single row scores exactly ``||R e||``.
 
+Directions every prompt shares
+------------------------------
+Text-encoder outputs are anisotropic: at a given position all prompts share a large common component, so every
+training row carries it, the change amplifies it most, and raw F ranks tokens by how "average" their rows are (in
+the toy of the tests, the caption's own rows did not stand out and no caption token reached the top 5). The scorer
+can therefore remove given ``shared_directions`` (``mean_context_rows``: the average row at each scored position of
+random prompts) from every row before normalising it. This keeps Eq. 17 exact: with ``Q`` the projector that removes
+them, ``(beta+ - beta-) Q e = g (Q e0)^T (Q e)`` for SGD on ``e0``, and over normalised ``Q e`` this is largest at
+``e0``.
+
 The text encoder the caller supplies
 ------------------------------------
 ``TextEncoderAccess``: the input token-embedding table ``[vocabulary, token_dim]``, a differentiable function from
