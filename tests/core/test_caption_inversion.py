@@ -353,13 +353,13 @@ def run_ground_truth_trial(
     )
 
 
-GROUND_TRUTH_TEST_SEEDS = range(5)
+GROUND_TRUTH_TEST_SEEDS = range(10)
 
 
 def test_a_caption_trained_into_the_cross_attention_is_read_back_from_the_weights():
-    """The 10-seed rates are in benchmarks/bench_caption_inversion.py; the bounds here are those runs' results less one."""
+    """Measured on these seeds (benchmarks/bench_caption_inversion.py prints each): 9/10 and 7/10; one seed of margin."""
     trials = [run_ground_truth_trial(seed) for seed in GROUND_TRUTH_TEST_SEEDS]
     ranked_in_top5 = sum(trial.distinctive_in_top5_single_tokens for trial in trials)
     in_best_caption = sum(trial.distinctive_in_best_caption for trial in trials)
-    assert ranked_in_top5 >= 4, trials
-    assert in_best_caption >= 2, trials
+    assert ranked_in_top5 >= 8, trials
+    assert in_best_caption >= 6, trials
