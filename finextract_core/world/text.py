@@ -6,7 +6,7 @@ or sample a different caption than the one asked for). Every caption becomes ``<
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,9 +49,6 @@ class TextConfig:
     dim: int = 64
     layers: int = 2
     heads: int = 4
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class TextEncoder(nn.Module):
