@@ -7,26 +7,16 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from finextract_core import sscd
 from finextract_core.bank import CandidateBank
+from run_demo import centred_random_sscd
 
 SSCD_NAME = "sscd_test.safetensors"
 
 
-def write_test_sscd(folder: str, image_size: int = 64) -> str:
-    """A ResNet50 SSCD with seeded random weights, its projection centred on the mean feature of random images: a
-    random trunk gives every image nearly the same pooled feature, centring keeps how an image differs from a typical
-    one, so different candidates get clearly different descriptors."""
+def write_test_sscd(folder: str) -> str:
+    """The demo's seeded, centred random SSCD (see run_demo.centred_random_sscd) as a file in ``folder``."""
     os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(0)
-    model = sscd.SSCDModel(sscd.RESNET50, "sscd_test").eval()
-    with torch.no_grad():
-        typical = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(100))
-        typical = torch.nn.functional.interpolate(typical, size=(image_size, image_size), mode="bicubic").clamp(0, 1)
-        pooled = model.embeddings[0](model.backbone(sscd.preprocess(typical.permute(0, 2, 3, 1), "paper")))
-        projection = model.embeddings[1]
-        projection.bias.copy_(-projection.weight @ pooled.mean(dim=0))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, SSCD_NAME))
+    save_file(centred_random_sscd(), os.path.join(folder, SSCD_NAME))
     return SSCD_NAME
 
 

@@ -1,7 +1,7 @@
 """SSCDEmbed -> CliqueCluster -> ExtractionMetrics as ComfyUI nodes, on planted candidates with a real weight file.
 
-The SSCD file is a ResNet50 SSCD with seeded random weights (projection centred) saved as safetensors in a folder
-registered under models/sscd; planted candidates are two unmistakable prototype images, each repeated with small
+The SSCD file is the demo's ResNet50 SSCD with seeded random weights (projection centred, see
+run_demo.centred_random_sscd) saved as safetensors in a folder registered under models/sscd; planted candidates are two unmistakable prototype images, each repeated with small
 pixel noise, so the ground truth (which candidate belongs to which prototype) is known. How well the clustering
 separates harder cases is tested on planted vectors in tests/core; here the nodes' wiring is under test.
 """
@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from run_demo import centred_random_sscd
 
 N0, COPIES, SIZE = 2, 10, 64
 
@@ -40,21 +42,8 @@ def planted_candidates(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[
 
 @pytest.fixture(scope="module")
 def sscd_file(host, tmp_path_factory):
-    from finextract_core import sscd
-
     folder = tmp_path_factory.mktemp("sscd")
-    torch.manual_seed(0)
-    model = sscd.SSCDModel(sscd.RESNET50, "sscd_test").eval()
-    # A random trunk gives every image nearly the same pooled feature (all ReLU outputs are positive), so the
-    # projection is centred on the mean feature of other random images: what remains is how an image differs from
-    # a typical one, and unrelated images come out roughly uncorrelated, as with trained SSCD.
-    with torch.no_grad():
-        typical = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(100))
-        typical = torch.nn.functional.interpolate(typical, size=(SIZE, SIZE), mode="bicubic").clamp(0, 1)
-        pooled = model.embeddings[0](model.backbone(sscd.preprocess(typical.permute(0, 2, 3, 1), "paper")))
-        projection = model.embeddings[1]
-        projection.bias.copy_(-projection.weight @ pooled.mean(dim=0))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "sscd_test.safetensors"))
+    save_file(centred_random_sscd(), str(folder / "sscd_test.safetensors"))
     host.folder_paths.add_model_folder_path("sscd", str(folder))
     return "sscd_test.safetensors"
 
