@@ -8,11 +8,12 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 
 import aiohttp
+
+from comfy_server import stop_process_group
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -52,12 +53,7 @@ class Chromium:
         self._reader.cancel()
         await self._socket.close()
         await self._session.close()
-        os.killpg(self._process.pid, signal.SIGTERM)
-        try:
-            self._process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
+        stop_process_group(self._process, timeout=20)
         shutil.rmtree(self._profile, ignore_errors=True)
 
     async def _debugging_port(self) -> int:
