@@ -379,13 +379,15 @@ def _maximum_spanning_tree(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 
 class _ThresholdGraphs:
-    """The graphs "similarity >= t" of one quantised similarity matrix at the thresholds start + k * 0.01 up to
-    the first above ``highest``: components, degrees and the pieces of cores in which cliques are searched."""
+    """The graphs "similarity >= t" of one quantised similarity matrix at the thresholds start + k * 0.01 (start: the
+    25th percentile of the off-diagonal similarities) up to the first above the highest of them: components, degrees
+    and the pieces of cores in which cliques are searched."""
 
-    def __init__(self, sims: np.ndarray, start: int, highest: int):
+    def __init__(self, sims: np.ndarray, off_diagonal: np.ndarray):
         self.sims = sims
-        self.start = start
-        self.n_thresholds = (highest - start) // THRESHOLD_STEP + 2
+        self.start = _start_threshold(off_diagonal)
+        self.highest = int(off_diagonal.max())
+        self.n_thresholds = (self.highest - self.start) // THRESHOLD_STEP + 2
         self.tree = _maximum_spanning_tree(sims)
         self._degrees: np.ndarray | None = None
 
@@ -506,9 +508,8 @@ def _kept_note(counted: int, n_clusters: int, min_size: int) -> list[str]:
 def _paper_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int, min_size: int,
                   work_budget: int) -> _Outcome:
     n = sims.shape[0]
-    start = _start_threshold(off_diagonal)
-    highest = int(off_diagonal.max())
-    graphs = _ThresholdGraphs(sims, start, highest)
+    graphs = _ThresholdGraphs(sims, off_diagonal)
+    start, highest = graphs.start, graphs.highest
     skipped, best_count = [], 0
     threshold = start
     while True:
@@ -609,10 +610,9 @@ def _scan_thresholds(graphs: _ThresholdGraphs, labels: dict[int, np.ndarray], n_
 def _best_threshold_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int, min_size: int,
                            work_budget: int) -> _Outcome:
     n = sims.shape[0]
-    start = _start_threshold(off_diagonal)
-    highest = int(off_diagonal.max())
-    graphs = _ThresholdGraphs(sims, start, highest)
-    labels = {t: graphs.component_labels(t) for t in range(start, highest + 1, THRESHOLD_STEP)}
+    graphs = _ThresholdGraphs(sims, off_diagonal)
+    start = graphs.start
+    labels = {t: graphs.component_labels(t) for t in range(start, graphs.highest + 1, THRESHOLD_STEP)}
     # Components that are cliques give every threshold a lower bound on its score at O(N) cost. Searching only for
     # cliques at least as big as the best bound from the start spares the scan the many partitions it would
     # otherwise compute above that threshold; it is sound as long as the scan reaches that threshold.
