@@ -22,9 +22,10 @@ from comfy_api.latest import io
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..finextract_core.world import store
+from ..finextract_core.world import similarity, store
 from ..finextract_core.world.schedule import Schedule
 from ..finextract_core.world.unet import UNetConfig, WorldUNet
+from .types import Embeddings
 
 CATEGORY = "FineXtract/world"
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,4 +145,23 @@ class WorldDecode(io.ComfyNode):
         return io.NodeOutput(((samples["samples"].float() + 1) / 2).clamp(0, 1).movedim(1, -1))
 
 
-NODES = [WorldLoader, WorldTextEncode, WorldDecode]
+class WorldEmbed(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractWorldEmbed",
+            display_name="World Embed (FineXtract proving ground)",
+            category=CATEGORY,
+            description="Descriptors for 32x32 world images, in place of SSCD Embed (SSCD needs far larger images): "
+                        "each image minus its Gaussian blur, centred and unit length, so a cosine similarity is the "
+                        "correlation of two images' fine detail. Feeds Clique Cluster and Extraction Metrics as is.",
+            inputs=[io.Image.Input("images", tooltip="Candidates, extracted images or reference images.")],
+            outputs=[Embeddings.Output(display_name="embeddings")],
+        )
+
+    @classmethod
+    def execute(cls, images) -> io.NodeOutput:
+        return io.NodeOutput(similarity.highpass_embeddings(images.movedim(-1, 1)))
+
+
+NODES = [WorldLoader, WorldTextEncode, WorldDecode, WorldEmbed]

@@ -102,3 +102,16 @@ def test_the_guider_samples_a_world_pair(host, world, nodes, style):
     samples = host.guidance_nodes.sample_with_guider(guider, latent, 0, 3, "ddim", "ddim_uniform", 1.0)
     images = nodes.WorldDecode.execute(samples).args[0]
     assert images.shape == (3, 32, 32, 3) and torch.isfinite(images).all()
+
+
+def test_world_embed_reads_comfy_images_channel_last(nodes):
+    """IMAGE is (B, H, W, C); the descriptor works on (B, C, H, W): a transposed layout would mix rows and colours."""
+    from finextract_core.world.similarity import highpass_embeddings
+
+    pictures = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    embedded = nodes.WorldEmbed.execute(pictures.movedim(1, -1)).args[0]
+    assert np.allclose(embedded.vectors, highpass_embeddings(pictures).vectors)
+    assert embedded.model_id.startswith("world_highpass") and len(embedded) == 3
+    # An image and a brightness/contrast change of it have the same fine detail: similarity 1.
+    same = nodes.WorldEmbed.execute(torch.cat([pictures[:1], 0.5 * pictures[:1] + 0.2]).movedim(1, -1)).args[0]
+    assert float(same.vectors[0] @ same.vectors[1]) == pytest.approx(1.0, abs=1e-5)
