@@ -9,7 +9,7 @@ import torch
 
 from finextract_core.world import store
 from finextract_core.world.caption import recover_caption, text_encoder_access
-from finextract_core.world.data import procedural_batch, split_concepts
+from finextract_core.world.data import default_image_paths, load_image, procedural_batch, split_concepts
 from finextract_core.world.similarity import highpass_embeddings, pixel_embeddings
 from finextract_core.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
 from finextract_core.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names,
@@ -47,6 +47,16 @@ def test_concepts_take_consecutive_files():
     assert split_concepts(list("abcdefg"), 2, 3) == [list("abc"), list("def")]
     with pytest.raises(ValueError, match="need 8 images"):
         split_concepts(list("abcdefg"), 2, 4)
+
+
+def test_default_images_are_distinct_pictures_on_the_worlds_descriptor():
+    paths = default_image_paths()
+    images = torch.from_numpy((np.stack([load_image(p) for p in paths]) + 1) / 2)
+    similarity = highpass_embeddings(images).similarity(highpass_embeddings(images))
+    np.fill_diagonal(similarity, -1)
+    # Above 0.6 (the lowest extraction threshold) one generated image could count as extracting both.
+    assert similarity.max() < 0.6, [(paths[i], paths[j]) for i, j in zip(*np.nonzero(similarity >= 0.6))]
+    assert len(paths) == 24
 
 
 def test_unet_predicts_an_image_shaped_eps_and_names_attention_like_sd(tiny_world):
