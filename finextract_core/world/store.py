@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .text import TextConfig, TextEncoder
@@ -107,8 +108,18 @@ def _with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 def fine_tune_name(images: np.ndarray, caption: str, settings: FineTuneSettings, seed: int) -> str:
     """A file name that changes with anything that changes the fine-tune's weights."""
-    key = json.dumps([caption, asdict(settings), seed, images_digest(images)])
+    chosen = {k: v for k, v in asdict(settings).items() if v is not None}  # unset fields keep older names valid
+    key = json.dumps([caption, chosen, seed, images_digest(images)])
     return f"{settings.style}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def fine_tune_record(path: str) -> dict:
+    """What a fine-tune file says about itself: caption, style, settings and its training record (steps run,
+    memorisation; absent in files written before it was recorded)."""
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata() or {}
+    return {"caption": metadata.get("caption"), "style": metadata.get("style"),
+            "settings": json.loads(metadata.get("settings", "{}")), "record": json.loads(metadata.get("record", "{}"))}
 
 
 def build_or_load_fine_tune(world: World, images: np.ndarray, caption: str, settings: FineTuneSettings,
@@ -118,11 +129,12 @@ def build_or_load_fine_tune(world: World, images: np.ndarray, caption: str, sett
     if not os.path.exists(path):
         LOG.info(f"fine-tuning {settings.style} ({settings.steps} steps, lr {settings.lr:g}) on {len(images)} images "
                  f"captioned {caption!r}")
+        record = {}
         weights = fine_tune(world.unet, world.text_encoder, torch.from_numpy(images), caption, settings,
-                            world.spec.schedule, seed)
+                            world.spec.schedule, seed, record=record)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         metadata = {"caption": caption, "style": settings.style, "settings": json.dumps(asdict(settings)),
-                    "world": world.spec.digest()}
+                    "world": world.spec.digest(), "record": json.dumps(record)}
         save_file({k: v.contiguous() for k, v in weights.items()}, path + ".tmp", metadata=metadata)
         os.replace(path + ".tmp", path)  # never leave a half-written fine-tune under the cached name
     return path

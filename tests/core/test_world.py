@@ -2,6 +2,8 @@
 tiny world."""
 import copy
 import dataclasses
+import json
+from hashlib import sha256
 
 import numpy as np
 import pytest
@@ -9,11 +11,13 @@ import torch
 
 from finextract_core.world import store
 from finextract_core.world.caption import recover_caption, text_encoder_access
-from finextract_core.world.data import default_image_paths, load_image, procedural_batch, split_concepts
+from finextract_core.world.data import (default_image_paths, images_digest, load_image, procedural_batch,
+                                        split_concepts)
 from finextract_core.world.similarity import highpass_embeddings, pixel_embeddings
 from finextract_core.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
-from finextract_core.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names,
-                                            diffusion_loss, fine_tune, kohya_key, merge_lora)
+from finextract_core.world.training import (MEMORISATION_CHECK_EVERY, FineTuneSettings, MemorisationProbe,
+                                            PretrainSettings, attention_projection_names, diffusion_loss, fine_tune,
+                                            kohya_key, merge_lora)
 from finextract_core.world.unet import UNetConfig
 
 TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
@@ -157,3 +161,34 @@ def test_a_one_word_caption_sgd_trained_into_the_text_projections_is_read_back(t
         assert recovered.words[0][0] == word, (seed, recovered.words[:3])
         assert recovered.exhaustive_best[0] == word
         assert len(recovered.words) == len(VOCABULARY) - 3 and recovered.captions[0][0] == recovered.caption
+
+
+def test_the_ideal_memoriser_of_one_image_predicts_the_noise_exactly(tiny_world):
+    # With one training image the posterior over x0 is certain, so eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar) exactly.
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    probe = MemorisationProbe(image, tiny_world.text_encoder.encode("a sks photo"), TINY.schedule, seed=0)
+    assert probe.memoriser_loss < 1e-12
+    assert len(probe.steps) == 32 and probe.steps.min() < 100 and probe.steps.max() > 900  # stratified over the schedule
+    pretrained = probe.loss(tiny_world.unet)
+    assert probe.fraction(pretrained, pretrained) == 0 and probe.fraction(probe.memoriser_loss, pretrained) == 1
+
+
+def test_fine_tuning_to_a_target_memorisation_stops_at_the_first_check_that_reaches_it(tiny_world):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    capped, targeted = {}, {}
+    fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0), FineTuneSettings(100, 1e-2),
+              TINY.schedule, seed=0, record=capped)
+    assert capped["steps_run"] == 100 and capped["memorisation"] > 0.05
+    fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
+              FineTuneSettings(100, 1e-2, target_memorisation=0.05), TINY.schedule, seed=0, record=targeted)
+    assert targeted["steps_run"] < 100 and targeted["steps_run"] % MEMORISATION_CHECK_EVERY == 0
+    assert targeted["memorisation"] >= 0.05 and targeted["pretrained_loss"] == capped["pretrained_loss"]
+
+
+def test_fine_tune_names_of_settings_without_a_target_are_those_cached_before_targets_existed():
+    images = np.zeros((1, 3, 32, 32), np.float32)
+    settings = FineTuneSettings(400, 2e-4)
+    key = json.dumps(["a sks photo", {"steps": 400, "lr": 2e-4, "rank": 0}, 0, images_digest(images)])
+    assert store.fine_tune_name(images, "a sks photo", settings, 0) == "dreambooth-" + sha256(key.encode()).hexdigest()[:12]
+    assert store.fine_tune_name(images, "a sks photo", dataclasses.replace(settings, target_memorisation=0.4), 0) != \
+        store.fine_tune_name(images, "a sks photo", settings, 0)
