@@ -292,12 +292,14 @@ def search_hard_prompt(
     seed: int = 0,
     candidate_token_ids: torch.Tensor | None = None,
     kept_candidates: int = 20,
+    on_step: Callable[[int], None] | None = None,
 ) -> HardPromptSearchResult:
     """Maximise F over hard prompts of ``prompt_tokens`` tokens (Eq. 20) by projected-gradient search (PEZ).
 
     The restarts run together as one batch, each from its own random prompt drawn with ``seed``; the encoder must be
     deterministic (eval mode) for the result to be. ``candidate_token_ids`` limits the vocabulary the prompt is
-    drawn from (default: all but the start and end tokens).
+    drawn from (default: all but the start and end tokens). ``on_step(steps done)`` is called after every step (a
+    progress bar; it may raise to cancel).
     """
     table = text_encoder.token_embeddings
     allowed_ids = (
@@ -324,6 +326,8 @@ def search_hard_prompt(
         # PEZ: the gradient taken at the hard prompt moves the continuous embeddings it was projected from.
         continuous.grad = torch.autograd.grad(-scores.sum(), projected)[0]
         optimizer.step()
+        if on_step is not None:
+            on_step(step + 1)
 
     ranked = sorted(seen.items(), key=lambda item: item[1], reverse=True)[:kept_candidates]
     return HardPromptSearchResult(tuple(PromptCandidate(token_ids=ids, score=score) for ids, score in ranked))

@@ -54,8 +54,8 @@ class FunctionalClipText:
     """A CLIP text encoder from its weights; ``encode_embeddings`` returns the chosen hidden state of every position.
 
     ``output_layer``: index of the layer whose output is returned (negative counts from the end, -1 is the last).
-    ``final_layer_norm``: apply ``text_model.final_layer_norm`` to that output. The weights are copied to float32 on
-    ``device``, so the encoder owns them (they may come from tensors made under inference mode).
+    ``final_layer_norm``: apply ``text_model.final_layer_norm`` to that output. The weights are moved to float32 on
+    ``device`` (copied when they are inference tensors, which autograd cannot use); nothing modifies them.
     """
 
     def __init__(
@@ -84,7 +84,8 @@ class FunctionalClipText:
         self.final_layer_norm = final_layer_norm
 
         def own(key: str) -> torch.Tensor:
-            return weights[key].detach().to(device=device, dtype=torch.float32, copy=True)
+            weight = weights[key].detach().to(device=device, dtype=torch.float32)
+            return weight.clone() if weight.is_inference() else weight  # autograd cannot save inference tensors
 
         self.token_embeddings = own("text_model.embeddings.token_embedding.weight")
         self.position_embeddings = own("text_model.embeddings.position_embedding.weight")
