@@ -46,7 +46,7 @@ CANDIDATES_PER_IMAGE = 50  # N = 50 x N0, as in the paper
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="folder of fine-tuning images, split by name order into concepts of N0 "
-                        "(default: the sample images inside the scikit-image package)")
+                        "(default: 24 of scikit-image's sample images that stay distinct at 32x32)")
     parser.add_argument("--concepts", type=int, default=2)
     parser.add_argument("--n0", type=int, default=5, help="fine-tuning images per concept")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes and of the sampling noise")
@@ -63,12 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_image_folder() -> str:
-    import skimage.data
-
-    return os.path.dirname(skimage.data.__file__)
-
-
 class ProvingGround:
     def __init__(self, args: argparse.Namespace):
         from comfy_inprocess import load_host
@@ -80,6 +74,7 @@ class ProvingGround:
         self.store = pack("finextract_core.world.store")
         self.data = pack("finextract_core.world.data")
         self.text = pack("finextract_core.world.text")
+        self.caption = pack("finextract_core.world.caption")
         self.training = pack("finextract_core.world.training")
         self.similarity = pack("finextract_core.world.similarity")
         self.clustering = pack("finextract_core.clustering")
@@ -131,19 +126,46 @@ class ProvingGround:
         }
 
     # ---------------------------------------------------------------------------------------------------- a run
-    def methods(self, style: str) -> list[tuple[str, str, float, float, bool]]:
-        """(name, mode, scale, k, with caption) per method; the paper's defaults plus any extra --scales."""
+    def methods(self, style: str) -> list[tuple[str, str, float, float, str]]:
+        """(name, mode, scale, k, caption) per method: the paper's defaults plus any extra --scales with the true
+        caption, the paper's Table 7 rows with the caption recovered from the weights, and the no-caption case."""
         defaults = self.guidance.DREAMBOOTH_DEFAULTS if style == "dreambooth" else self.guidance.LORA_DEFAULTS
         extra = [float(s) for s in self.args.scales.split(",") if s]
         cfg_scales = sorted({self.guidance.CFG_DEFAULT_SCALE, *extra})
         finextract_scales = sorted({defaults["scale"], *extra})
-        return ([("direct", "direct", 1.0, 0.0, True)]
-                + [(f"cfg w'={s:g}", "cfg", s, 0.0, True) for s in cfg_scales]
-                + [(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], True)
+        cfg_default, finextract_default = self.guidance.CFG_DEFAULT_SCALE, defaults["scale"]
+        return ([("direct", "direct", 1.0, 0.0, "true")]
+                + [(f"cfg w'={s:g}", "cfg", s, 0.0, "true") for s in cfg_scales]
+                + [(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true")
                    for s in finextract_scales]
-                + [(f"no caption: model_guidance w={defaults['scale']:g}", "model_guidance", defaults["scale"], 0.0,
-                    False),
-                   ("no caption: unconditional", "direct", 1.0, 0.0, False)])
+                + [(f"recovered caption: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "recovered"),
+                   (f"recovered caption: finextract w'={finextract_default:g} k={defaults['k']:g}", "finextract",
+                    finextract_default, defaults["k"], "recovered"),
+                   (f"no caption: model_guidance w={finextract_default:g}", "model_guidance", finextract_default,
+                    0.0, "empty"),
+                   ("no caption: unconditional", "direct", 1.0, 0.0, "empty")])
+
+    def recover_caption(self, world, path: str, style: str, caption: str, seed: int) -> dict:
+        """The caption read back from the fine-tune's weights alone (Appendix A), and whether its keyword is there."""
+        from safetensors.torch import load_file
+
+        weights = load_file(path)
+        if style == "lora":
+            fine_tuned = self.training.merge_lora(world.unet, weights)
+        else:
+            fine_tuned = self.store.new_modules(world.spec)[0]
+            fine_tuned.load_state_dict(weights)
+        started = time.perf_counter()
+        recovered = self.caption.recover_caption(world.unet, fine_tuned.eval(), world.text_encoder,
+                                                 words=len(caption.split()), seed=seed)
+        keyword = next(word for word in caption.split() if word in self.text.RARE_TOKENS)
+        ranking = [word for word, _ in recovered.words]
+        return {"caption": recovered.caption, "keyword": keyword, "keyword_rank": ranking.index(keyword) + 1,
+                "keyword_top1": ranking[0] == keyword, "keyword_in_caption": keyword in recovered.caption.split(),
+                "top_words": [[w, round(v, 4)] for w, v in recovered.words[:5]],
+                "captions": [[c, round(v, 4)] for c, v in recovered.captions[:5]],
+                "exhaustive_best": [recovered.exhaustive_best[0], round(recovered.exhaustive_best[1], 4)],
+                "seconds": round(time.perf_counter() - started, 1)}
 
     def run(self) -> dict:
         args, started = self.args, time.perf_counter()
@@ -155,8 +177,8 @@ class ProvingGround:
             world = self.store.build_or_load(args.world or os.path.join(REPO_ROOT, "cache", "world", spec.digest()), spec)
         world_seconds = time.perf_counter() - world_started
         folder, spec = world.folder, world.spec
-        paths = self.data.split_concepts(self.data.list_images(args.images or default_image_folder()), args.concepts,
-                                         args.n0)
+        files = self.data.list_images(args.images) if args.images else self.data.default_image_paths()
+        paths = self.data.split_concepts(files, args.concepts, args.n0)
         pretrained, text_encoder = self.world_nodes.WorldLoader.execute(folder, "").args
         encode = lambda caption: self.world_nodes.WorldTextEncode.execute(text_encoder, caption).args[0]  # noqa: E731
         empty = encode("")
@@ -180,23 +202,27 @@ class ProvingGround:
                 tuned = time.perf_counter()
                 path = self.store.build_or_load_fine_tune(world, images, caption, settings, seed=args.seed + index)
                 fine_tune_seconds += time.perf_counter() - tuned
+                recovery = self.recover_caption(world, path, style, caption, seed)
+                LOG.info(f"  {style:10s} memorisation {self.store.fine_tune_record(path)['record'].get('memorisation')}"
+                         f", recovered caption {recovery['caption']!r} (keyword rank {recovery['keyword_rank']})")
                 fine_tuned = self.load_fine_tune(folder, pretrained, path, style)
+                prompts = {"true": positive, "recovered": encode(recovery["caption"]), "empty": empty}
                 results = {}
-                for name, mode, scale, k, with_caption in self.methods(style):
-                    guider = self.host.guider.build_guider(fine_tuned, pretrained, positive if with_caption else empty,
-                                                           empty, mode, scale, k)
+                for name, mode, scale, k, prompt in self.methods(style):
+                    guider = self.host.guider.build_guider(fine_tuned, pretrained, prompts[prompt], empty, mode, scale, k)
                     candidates, seconds = self.sample(guider, seed)
-                    results[name] = {"mode": mode, "scale": scale, "k": k, "seconds": round(seconds, 1),
-                                     **self.evaluate(candidates, references)}
-                    LOG.info(f"  {style:10s} {name:38s} AS {results[name]['AS']:.3f}  A-ESR0.6 "
+                    results[name] = {"mode": mode, "scale": scale, "k": k, "caption": prompt,
+                                     "seconds": round(seconds, 1), **self.evaluate(candidates, references)}
+                    LOG.info(f"  {style:10s} {name:45s} AS {results[name]['AS']:.3f}  A-ESR0.6 "
                              f"{results[name]['A-ESR 0.6']:.2f}  A-ESR0.7 {results[name]['A-ESR 0.7']:.2f}  "
                              f"best-of-N AS {results[name]['best_of_all_candidates']['AS']:.3f}  ({seconds:.0f} s)")
-                concept["styles"][style] = {"fine_tune": {"file": os.path.relpath(path, folder), "steps": settings.steps,
-                                                          "lr": settings.lr, "rank": settings.rank},
-                                            "methods": results}
+                concept["styles"][style] = {"fine_tune": {"file": os.path.relpath(path, folder),
+                                                          **self.store.fine_tune_record(path)},
+                                            "caption_recovery": recovery, "methods": results}
             concepts.append(concept)
         report = {
-            "settings": {**vars(args), "images": args.images or default_image_folder(), "world": folder,
+            "settings": {**vars(args), "images": args.images or "scikit-image samples (data.DEFAULT_IMAGE_NAMES)",
+                         "world": folder,
                          "n_candidates": self.n_candidates, "clustering": "paper (min clique size 2)"},
             "descriptor": self.similarity.__doc__.strip(),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -206,6 +232,7 @@ class ProvingGround:
             "seconds": {"world": round(world_seconds, 1), "fine_tunes": round(fine_tune_seconds, 1),
                         "total": round(time.perf_counter() - started, 1)},
             "summary": summarise(concepts),
+            "fine_tunes_and_caption_recovery": summarise_fine_tunes(concepts),
             "concepts": [{k: v for k, v in c.items() if k != "references"} for c in concepts],
         }
         return report, concepts
@@ -246,15 +273,32 @@ def summarise(concepts: list[dict]) -> dict:
     return summary
 
 
+def summarise_fine_tunes(concepts: list[dict]) -> dict:
+    """Per style: memorisation reached, steps run, and how often the caption's keyword was read back."""
+    summary = {}
+    for style in concepts[0]["styles"]:
+        blocks = [c["styles"][style] for c in concepts]
+        recoveries = [b["caption_recovery"] for b in blocks]
+        summary[style] = {
+            "memorisation": _mean_and_spread([b["fine_tune"]["record"]["memorisation"] for b in blocks]),
+            "steps_run": [b["fine_tune"]["record"]["steps_run"] for b in blocks],
+            "keyword_top1_word_fraction": float(np.mean([r["keyword_top1"] for r in recoveries])),
+            "keyword_in_top3_words_fraction": float(np.mean([r["keyword_rank"] <= 3 for r in recoveries])),
+            "keyword_in_best_caption_fraction": float(np.mean([r["keyword_in_caption"] for r in recoveries])),
+            "recovered_captions": [r["caption"] for r in recoveries],
+        }
+    return summary
+
+
 def summary_table(summary: dict) -> str:
     """The summary as aligned text: mean (spread over concepts) per figure."""
     columns = {"AS": "AS", "A-ESR 0.6": "A-ESR 0.6", "A-ESR 0.7": "A-ESR 0.7",
                "best_of_all_candidates_AS": "best-of-N AS", "pixel_AS": "pixel AS"}
-    lines = [f"{'mean (spread over concepts)':50s}" + "".join(f"{c:>22s}" for c in columns.values())]
+    lines = [f"{'mean (spread over concepts)':62s}" + "".join(f"{c:>22s}" for c in columns.values())]
     for group, methods in summary.items():
         for name, figures in methods.items():
             cells = "".join(f"{figures[c]['mean']:>14.3f} ({figures[c]['std_over_concepts']:.3f})" for c in columns)
-            lines.append(f"{group + ': ' + name:50s}{cells}")
+            lines.append(f"{group + ': ' + name:62s}{cells}")
     return "\n".join(lines)
 
 
@@ -270,7 +314,7 @@ def draw_figure(concepts: list[dict], path: str, scale: int = 2) -> None:
     """Per concept: the training images, then each method's extracted images with their best-match scores."""
     from PIL import Image, ImageDraw
 
-    tile, label_width, gap = 32 * scale, 300, 4
+    tile, label_width, gap = 32 * scale, 440, 4
     rows = []
     for concept in concepts:
         rows.append((f"{concept['caption']}: training images", concept["references"], None))
@@ -302,6 +346,7 @@ def main(argv=None) -> None:
     draw_figure(concepts, os.path.join(args.out, "extraction.png"))
     LOG.info(f"wrote {args.out}/results.json and extraction.png in {report['seconds']['total']:.0f} s")
     print(summary_table(report["summary"]))
+    print(json.dumps(report["fine_tunes_and_caption_recovery"], indent=1))
 
 
 if __name__ == "__main__":
