@@ -21,6 +21,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(REPO_ROOT)
 sys.path.append(os.path.join(REPO_ROOT, "scripts"))
 sys.path.append(os.path.join(REPO_ROOT, "tests", "host"))
+LATENT_SHAPE, EMBEDDING_DIM = (4, 8, 8), 512
+LATENT_BYTES, EMBEDDING_BYTES = 4 * 4 * 8 * 8, 4 * EMBEDDING_DIM  # float32
 
 
 def peak_rss_mib() -> float:
@@ -36,8 +38,8 @@ def stream_synthetic(count: int, folder: str, batch: int = 4) -> None:
     from finextract_core.embeddings import Embeddings
 
     torch.set_num_threads(1)
-    shape = (4, 8, 8)
-    projection = torch.randn(int(np.prod(shape)), 512, generator=torch.Generator().manual_seed(0))
+    shape = LATENT_SHAPE
+    projection = torch.randn(int(np.prod(shape)), EMBEDDING_DIM, generator=torch.Generator().manual_seed(0))
     bank = CandidateBank.open(folder, {"seed": 0, "embedder": "synthetic", "preset": "paper"})
     before = peak_rss_mib()
     todo = bank.missing(range(count))
@@ -52,15 +54,22 @@ def stream_synthetic(count: int, folder: str, batch: int = 4) -> None:
 
 def memory_against_n(counts: list[int]) -> None:
     print("Peak RSS (fresh process each; synthetic generator, batches of 4):")
-    print(f"  {'N':>6}  {'after imports':>13}  {'peak':>8}  {'growth':>8}  {'N embeddings':>12}")
+    print(f"  {'N':>6}  {'after imports':>13}  {'peak':>9}  {'growth':>8}  {'N embeddings':>12}")
+    peaks = []
     for count in counts:
         with tempfile.TemporaryDirectory() as folder:
             out = subprocess.run([sys.executable, __file__, "--stream", str(count), folder], check=True,
                                  capture_output=True, text=True).stdout.split()
         _, before, peak, _ = out
-        embeddings_mib = count * 512 * 4 / 2 ** 20
-        print(f"  {count:>6}  {float(before):>10.1f} MiB  {float(peak):>4.1f} MiB  {float(peak) - float(before):>4.1f} MiB"
+        peaks.append(float(peak))
+        embeddings_mib = count * EMBEDDING_BYTES / 2 ** 20
+        print(f"  {count:>6}  {float(before):>9.1f} MiB  {float(peak):>5.1f} MiB  {float(peak) - float(before):>4.1f} MiB"
               f"  {embeddings_mib:>8.1f} MiB")
+    if len(counts) > 1:
+        # The slope between the smallest and the largest N: what one more candidate costs, fixed costs cancelled.
+        slope = (peaks[-1] - peaks[0]) * 2 ** 20 / (counts[-1] - counts[0])
+        print(f"  peak RSS per extra candidate: {slope / 1024:.2f} KiB (its embedding, the only part kept in memory: "
+              f"{EMBEDDING_BYTES / 1024:.2f} KiB; its latent stays on disk: {LATENT_BYTES / 1024:.2f} KiB)")
 
 
 def overhead(candidates: int, steps: int) -> None:

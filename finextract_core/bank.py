@@ -244,29 +244,33 @@ class CandidateBank:
 
     def embeddings(self, indices: Sequence[int]) -> Embeddings:
         """The stored embeddings of ``indices``, in that order."""
-        return Embeddings(self._gather("embeddings", indices).numpy(), self.key["embedder"], self.key["preset"])
+        vectors = self._gather("embeddings", indices)
+        vectors.flags.writeable = False  # handed to Embeddings without a copy: N rows are held once
+        return Embeddings(vectors, self.key["embedder"], self.key["preset"])
 
     def latents(self, indices: Sequence[int]) -> torch.Tensor:
         """The stored latents of ``indices``, in that order (only the shards that hold them are read)."""
-        return self._gather("latents", indices)
+        return torch.from_numpy(self._gather("latents", indices))
 
-    def _gather(self, name: str, indices: Sequence[int]) -> torch.Tensor:
+    def _gather(self, name: str, indices: Sequence[int]) -> np.ndarray:
         indices = list(indices)
         absent = [i for i in indices if i not in self._where]
         if absent:
             raise BankError(f"candidates {_ranges(absent)} are not in the bank at '{self.folder}': generate them "
                             "first (queue the Candidate Bank node for that range)")
-        by_shard: dict[_Shard, list[tuple[int, int]]] = {}
+        by_shard: dict[_Shard, tuple[list[int], list[int]]] = {}
         for row, index in enumerate(indices):
-            by_shard.setdefault(self._where[index], []).append((row, index))
+            shard = self._where[index]
+            rows, positions = by_shard.setdefault(shard, ([], []))
+            rows.append(row)
+            positions.append(shard.indices.index(index))
         gathered = None  # filled in place, so reading N rows holds one copy of them, not one per shard too
-        for shard, wanted in by_shard.items():
+        for shard, (rows, positions) in by_shard.items():
             with _open_shard(shard.path) as handle:
-                stored = handle.get_tensor(name)
+                stored = handle.get_tensor(name).numpy()
             if gathered is None:
-                gathered = torch.empty((len(indices), *stored.shape[1:]), dtype=stored.dtype)
-            for row, index in wanted:
-                gathered[row] = stored[shard.indices.index(index)]
+                gathered = np.empty((len(indices), *stored.shape[1:]), dtype=stored.dtype)
+            gathered[rows] = stored[positions]
         return gathered
 
 

@@ -14,21 +14,27 @@ import numpy as np
 # float32 rows written by a model and normalised there are unit length to about 1e-6; 1e-3 catches rows that were
 # never normalised (or were averaged) while tolerating fp16 round trips.
 UNIT_NORM_TOLERANCE = 1e-3
+# Rows checked at a time (1 MiB of float64 at d = 512): float64 temporaries of the whole matrix would hold 4x the
+# embeddings themselves (a bank's 6,900 x 512 floats are 14 MB; the check would briefly take 56 MB more).
+CHECK_ROWS = 256
 
 
 def check_unit_rows(vectors: np.ndarray, what: str = "embeddings") -> None:
     """Raise ValueError unless ``vectors`` is a non-empty finite 2-D array whose rows have unit L2 norm."""
     if vectors.ndim != 2 or vectors.shape[0] < 1 or vectors.shape[1] < 1:
         raise ValueError(f"{what} must be a non-empty N x d matrix, got shape {tuple(vectors.shape)}")
-    if not np.all(np.isfinite(vectors)):
-        raise ValueError(f"{what} contain NaN or infinite values: re-embed the images (check the model file and inputs)")
-    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
-    worst = int(np.argmax(np.abs(norms - 1.0)))
-    if abs(norms[worst] - 1.0) > UNIT_NORM_TOLERANCE:
-        raise ValueError(
-            f"{what} row {worst} has L2 norm {norms[worst]:.6f}, expected 1: normalise each row (x / ||x||) "
-            "or use the output of an embedder from this package"
-        )
+    for first in range(0, vectors.shape[0], CHECK_ROWS):
+        block = vectors[first:first + CHECK_ROWS].astype(np.float64)
+        if not np.all(np.isfinite(block)):
+            raise ValueError(f"{what} contain NaN or infinite values: re-embed the images (check the model file and "
+                             "inputs)")
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        worst = int(np.argmax(np.abs(norms - 1.0)))
+        if abs(norms[worst] - 1.0) > UNIT_NORM_TOLERANCE:
+            raise ValueError(
+                f"{what} row {first + worst} has L2 norm {norms[worst]:.6f}, expected 1: normalise each row "
+                "(x / ||x||) or use the output of an embedder from this package"
+            )
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class Embeddings:
 
     ``model_id`` names the weights (``"sscd_disc_large"``, ``"open_clip:ViT-B-32:1a2b3c4d5e6f"``); ``preset`` names
     the preprocessing (``"paper"``, ``"sscd"``, ``"open_clip"``). Row i describes input image i.
+
+    ``vectors`` is copied, so the caller's array can change without changing these embeddings; except an array that
+    is already float32, C-ordered, read-only and owns its memory (such as another Embeddings' vectors, or the rows a
+    candidate bank reads from disk), which is kept as is: nobody can write to it, and a bank's N rows are not held
+    twice.
     """
 
     vectors: np.ndarray
@@ -44,7 +55,11 @@ class Embeddings:
     preset: str
 
     def __post_init__(self) -> None:
-        vectors = np.array(self.vectors, dtype=np.float32, order="C", copy=True)
+        vectors = self.vectors
+        immutable = (isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.flags.c_contiguous
+                     and vectors.flags.owndata and not vectors.flags.writeable)
+        if not immutable:
+            vectors = np.array(vectors, dtype=np.float32, order="C", copy=True)
         check_unit_rows(vectors)
         if not self.model_id or not self.preset:
             raise ValueError("Embeddings need a non-empty model_id and preset")

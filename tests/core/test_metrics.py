@@ -50,3 +50,26 @@ def test_metrics_from_embeddings_and_space_check():
         Embeddings(np.array([[3.0, 4.0]]), "m", "paper")
     with pytest.raises(ValueError, match="NaN"):
         Embeddings(np.array([[np.nan, 1.0]]), "m", "paper")
+
+
+def test_embeddings_copy_what_the_caller_can_still_change_and_check_every_row():
+    rows = np.eye(3, dtype=np.float32)
+    embeddings = Embeddings(rows, "m", "paper")
+    rows[0, 0] = 5.0  # the caller's array changes; the embeddings do not
+    assert embeddings.vectors[0, 0] == 1.0 and not embeddings.vectors.flags.writeable
+    # A read-only float32 array that owns its memory (what a candidate bank reads back) is kept, not copied, so a
+    # bank's N rows are held once; a read-only view of a writable array is still copied.
+    frozen = np.eye(3, dtype=np.float32)
+    frozen.flags.writeable = False
+    assert Embeddings(frozen, "m", "paper").vectors is frozen
+    view = np.eye(3, dtype=np.float32)[:]
+    view.flags.writeable = False
+    assert Embeddings(view, "m", "paper").vectors is not view
+    # Rows are checked in blocks: a bad row far past the first block is found and named by its own index.
+    many = np.tile(np.eye(4, dtype=np.float32), (300, 1))
+    many[1000] *= 2
+    with pytest.raises(ValueError, match="row 1000 has L2 norm 2.000000"):
+        Embeddings(many, "m", "paper")
+    many[1000] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Embeddings(many, "m", "paper")
