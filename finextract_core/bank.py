@@ -12,8 +12,8 @@ Layout of a bank folder::
                                                   unit rows); metadata "bank" = the key's id
 
 Candidate i always starts from the same noise, whatever the batch it was generated in: ``candidate_noise`` draws it
-from a generator seeded by (seed, i), and samplers that draw fresh noise during sampling get one generator per
-candidate too (``CandidateStepNoise``). So a bank can be extended (raise N), split by index range across machines and
+from a generator seeded by (seed, i), and samplers that draw fresh noise during sampling get one generator (or one
+Brownian tree) per candidate too (``CandidateStepNoise``). So a bank can be extended (raise N), split by index range across machines and
 merged; a candidate's values do not depend on which shard holds it.
 
 Every shard is written to a temporary file and renamed into place, so a killed process leaves either a whole shard
@@ -69,9 +69,9 @@ def candidate_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> 
 
 
 class CandidateStepNoise:
-    """A ``noise_sampler`` for samplers that draw noise at every step (ancestral, SDE): one generator per candidate,
-    so each candidate's step noise does not depend on the batch. (SDE samplers get independent Gaussian increments
-    instead of ComfyUI's Brownian tree: same distribution per step.)"""
+    """A ``noise_sampler`` for samplers that draw independent noise at every step (ancestral ones, er_sde, ...): one
+    generator per candidate, so each candidate's step noise does not depend on the batch. (Samplers that need a
+    Brownian tree get one per candidate from the node, seeded with ``candidate_seed(seed, i, "steps")`` too.)"""
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
         self.shape = tuple(shape)

@@ -17,10 +17,11 @@ import comfy.sample
 import folder_paths
 import nodes as comfy_nodes
 import torch
+from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
 from comfy_api.latest import io
 
 from ..finextract_core import sscd
-from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, fingerprint
+from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, candidate_seed, fingerprint
 from .embedding import DOWNLOAD, NO_FILE, SSCD_FOLDER, load_sscd
 from .guidance import _guidance_inputs, sample_with_guider, sampling_inputs
 from .guider import build_guider
@@ -29,7 +30,12 @@ from .types import Embeddings
 LOG = logging.getLogger("finextract")
 CATEGORY = "FineXtract/sampling"
 # Bump when the way a candidate is generated from its key changes, so old banks are not resumed with new candidates.
-GENERATION_SCHEME = "per-candidate-noise-v1"
+# v2: the SDE samplers below draw their step noise from one Brownian tree per candidate.
+GENERATION_SCHEME = "per-candidate-noise-v2"
+# Samplers whose step noise ComfyUI draws from a Brownian tree. dpmpp_sde asks for the noise of overlapping intervals
+# within a step, which must be correlated as Brownian motion's are, so independent draws would change the sampler.
+BROWNIAN_TREE_SAMPLERS = ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
+                          "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu")
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class CandidateBankNode(io.ComfyNode):
                 samples = sample_with_guider(
                     guider, latent, seed, steps, sampler_name, scheduler, 1.0,
                     noise=candidate_noise(seed, indices, shape),
-                    step_noise=CandidateStepNoise(seed, indices, shape, device=patcher.load_device))["samples"]
+                    step_noise=candidate_step_noise(sampler_name, seed, indices, shape, patcher))["samples"]
                 images = comfy_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
                 bank.write(indices, samples, sscd.embed_images(embedder, images, preset, batch_size=len(indices),
                                                                device=device))
@@ -145,6 +151,19 @@ class CandidateBankNode(io.ComfyNode):
         finally:
             embedder.to(comfy.model_management.unet_offload_device())
         return io.NodeOutput(bank.embeddings(wanted), BankRows(bank, tuple(wanted)))
+
+
+def candidate_step_noise(sampler_name: str, seed: int, indices: list[int], shape: tuple, patcher):
+    """The noise sampler for the steps of a batch of candidates: each candidate's noise depends only on (seed, i).
+
+    Brownian-tree samplers get ComfyUI's own tree, one per candidate (seeded like CandidateStepNoise), over the
+    model's whole sigma range: the same distribution as ComfyUI's tree over the schedule's range, whatever the batch.
+    """
+    if sampler_name not in BROWNIAN_TREE_SAMPLERS:
+        return CandidateStepNoise(seed, indices, shape, device=patcher.load_device)
+    seeds = [candidate_seed(seed, i, "steps") for i in indices]
+    sigma_max = float(patcher.get_model_object("model_sampling").sigma_max)
+    return BrownianTreeNoiseSampler(torch.zeros((len(indices), *shape)), 0.0, sigma_max, seed=seeds, cpu=True)
 
 
 def parse_positions(text: str) -> list[int]:

@@ -71,11 +71,19 @@ def test_batch_size_does_not_change_a_candidate(setup, reference):
     assert (latents[0] - latents[1]).abs().max() > 0.1, "different candidates must come from different noise"
 
 
-def test_stochastic_sampler_noise_is_per_candidate_too(setup):
-    make_bank(setup, "ancestral_batch", num_candidates=2, batch_size=2, sampler_name="euler_ancestral")
-    make_bank(setup, "ancestral_single", num_candidates=2, batch_size=1, sampler_name="euler_ancestral")
-    assert_same_bank(str(setup["folder"] / "ancestral_single"), str(setup["folder"] / "ancestral_batch"), 2,
-                     BATCH_TOLERANCE)
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde"])
+def test_stochastic_samplers_draw_step_noise_per_candidate(setup, sampler):
+    """Ancestral samplers draw fresh noise at each step, SDE samplers from a Brownian tree: either way candidate i
+    must not depend on its batch, and a resumed bank must equal an uninterrupted one."""
+    folder = lambda name: str(setup["folder"] / f"{sampler}_{name}")  # noqa: E731
+    make_bank(setup, f"{sampler}_whole", num_candidates=3, batch_size=2, sampler_name=sampler)  # batches 0-1, 2
+    make_bank(setup, f"{sampler}_single", num_candidates=3, batch_size=1, sampler_name=sampler)
+    assert_same_bank(folder("single"), folder("whole"), 3, BATCH_TOLERANCE)
+    # Stopped after its first batch, then queued again: only candidate 2 is made, exactly as in the whole run.
+    make_bank(setup, f"{sampler}_resumed", num_candidates=2, batch_size=2, sampler_name=sampler)
+    assert shard_count(folder("resumed")) == 1
+    make_bank(setup, f"{sampler}_resumed", num_candidates=3, batch_size=2, sampler_name=sampler)
+    assert_same_bank(folder("resumed"), folder("whole"), 3)
 
 
 def test_extending_n_keeps_the_first_candidates(setup, reference):
