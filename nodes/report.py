@@ -24,7 +24,6 @@ from ..finextract_core import __version__
 from .types import Embeddings
 
 CATEGORY = "FineXtract/evaluation"
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "loras")
 EXTRACTED_NAME = "extracted_{:02d}.png"
 SUMMARY_NAME = "summary.png"
 CELL = 160  # pixel side of each image in the summary
@@ -65,15 +64,29 @@ def file_sha256(path: str) -> str:
     return _hashes[key]
 
 
+NO_FILE = "(none)"
+# Where each role's file can be: the folders its loaders list (a DreamBooth fine-tune can be a full checkpoint or a
+# UNet in diffusion_models).
+ROLE_FOLDERS = {"pretrained": ("checkpoints", "diffusion_models"), "fine_tuned": ("checkpoints", "diffusion_models"),
+                "lora": ("loras",)}
+
+
+def model_file_options(role: str) -> list[str]:
+    """(none), then the file names the loaders of this role list, in the same spelling (with any subfolder)."""
+    names = [name for folder in ROLE_FOLDERS[role] for name in folder_paths.get_filename_list(folder)]
+    return [NO_FILE, *dict.fromkeys(names)]
+
+
 def describe_model_file(role: str, name: str) -> dict:
-    """A model file as a loader names it, found in checkpoints, diffusion_models or loras."""
-    for folder in MODEL_FOLDERS:
+    """A model file as its loader names it, with the folder it was found in, its size and SHA-256."""
+    for folder in ROLE_FOLDERS[role]:
         path = folder_paths.get_full_path(folder, name)
         if path:
             return {"role": role, "file": name, "folder": folder, "bytes": os.path.getsize(path),
                     "sha256": file_sha256(path)}
-    raise FileNotFoundError(f"{role} model file '{name}' is in none of models/{{{','.join(MODEL_FOLDERS)}}}: give the "
-                            "file name exactly as its loader shows it (with any subfolder), or leave it empty")
+    # Only reachable when the file went away after the prompt was validated against the list.
+    raise FileNotFoundError(f"{role} model file '{name}' is no longer in models/{{{','.join(ROLE_FOLDERS[role])}}}: "
+                            "press 'r' in the graph to refresh the file lists and pick it again")
 
 
 def report_folder(prefix: str) -> tuple[str, str]:
@@ -249,14 +262,15 @@ class AuditReport(io.ComfyNode):
                 io.String.Input("folder_prefix", default="finextract/report",
                                 tooltip="Subfolder of ComfyUI's output directory for this report; a second run with "
                                 "the same prefix replaces the report in it."),
-                io.String.Input("pretrained_file", default="",
-                                tooltip="File name of the pretrained (base) model as its loader shows it, for its "
-                                "SHA-256 (looked up in checkpoints, diffusion_models and loras). Empty: not recorded."),
-                io.String.Input("fine_tuned_file", default="",
-                                tooltip="File name of the fine-tuned model (the DreamBooth checkpoint), for its "
-                                "SHA-256. Empty for a LoRA attack, where the LoRA file below is the fine-tune."),
-                io.String.Input("lora_file", default="",
-                                tooltip="File name of the LoRA in models/loras, for a LoRA attack. Empty otherwise."),
+                io.Combo.Input("pretrained_file", options=model_file_options("pretrained"), default=NO_FILE,
+                               tooltip="The pretrained (base) model file: pick the entry its loader shows (listed from "
+                               "checkpoints and diffusion_models). The report records its SHA-256."),
+                io.Combo.Input("fine_tuned_file", options=model_file_options("fine_tuned"), default=NO_FILE,
+                               tooltip="The fine-tuned model file (the DreamBooth checkpoint or UNet), as its loader "
+                               "shows it. (none) for a LoRA attack, where the LoRA file below is the fine-tune."),
+                io.Combo.Input("lora_file", options=model_file_options("lora"), default=NO_FILE,
+                               tooltip="The LoRA under audit (models/loras), as LoraLoaderModelOnly shows it. (none) "
+                               "otherwise."),
                 io.Image.Input("references", optional=True,
                                tooltip="Optional reference images (Load Reference Images): the summary then shows "
                                "each reference beside its best extracted match. Needs metrics_json."),
@@ -272,6 +286,15 @@ class AuditReport(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, pretrained_file, fine_tuned_file, lora_file) -> bool | str:
+        """ComfyUI does not check V3 combo values itself: refuse a name no loader lists before anything runs."""
+        for role, name in (("pretrained", pretrained_file), ("fine_tuned", fine_tuned_file), ("lora", lora_file)):
+            if name is not None and name not in model_file_options(role):  # None: the value comes from a link
+                return (f"{role}_file '{name}' is not in models/{{{','.join(ROLE_FOLDERS[role])}}}: pick the file its "
+                        f"loader shows from the list (press 'r' to refresh it), or {NO_FILE}")
+        return True
+
+    @classmethod
     def execute(cls, extracted, extracted_embeddings, clusters_json, run_settings, folder_prefix, pretrained_file,
                 fine_tuned_file, lora_file, references=None, metrics_json=None, reference_names=None) -> io.NodeOutput:
         if (references is None) != (metrics_json is None):
@@ -282,9 +305,9 @@ class AuditReport(io.ComfyNode):
         metrics = None if metrics_json is None else _parse_json(metrics_json, "metrics_json")
         folder, subfolder = report_folder(folder_prefix)
         os.makedirs(folder, exist_ok=True)
-        models = [describe_model_file(role, name.strip()) for role, name in
+        models = [describe_model_file(role, name) for role, name in
                   (("pretrained", pretrained_file), ("fine_tuned", fine_tuned_file), ("lora", lora_file))
-                  if name.strip()]
+                  if name != NO_FILE]
 
         extracted_pngs = [png_bytes(to_pil(image)) for image in extracted]
         extracted_files = [EXTRACTED_NAME.format(i) for i in range(len(extracted_pngs))]

@@ -24,6 +24,7 @@ SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.t
 BASE_FILE = "v1-5-pruned-emaonly.safetensors"
 DREAMBOOTH_FILE = "my_dreambooth.safetensors"
 LORA_FILE = "my_lora.safetensors"
+NO_FILE = "(none)"  # the Audit Report's entry for a model file that has no role in the attack
 N0 = 10  # the fine-tuning set's size; the paper samples N = 50 x N0 candidates
 
 SSCD_NOTE = f"""SSCD FILE (needed by every 'SSCD Embed' node)
@@ -76,8 +77,8 @@ def lora_models() -> list[dict]:
 def model_files(kind: str) -> dict:
     """The report's file-name widgets, matching the loaders above."""
     if kind == "dreambooth":
-        return {"pretrained_file": BASE_FILE, "fine_tuned_file": DREAMBOOTH_FILE, "lora_file": ""}
-    return {"pretrained_file": BASE_FILE, "fine_tuned_file": "", "lora_file": LORA_FILE}
+        return {"pretrained_file": BASE_FILE, "fine_tuned_file": DREAMBOOTH_FILE, "lora_file": NO_FILE}
+    return {"pretrained_file": BASE_FILE, "fine_tuned_file": NO_FILE, "lora_file": LORA_FILE}
 
 
 def attack(kind: str, mode: str = "finextract", suffix: str = "", label: str = "FineXtract") -> list[dict]:
@@ -133,7 +134,7 @@ SPECS = {
 Pretrained checkpoint: the model the fine-tune started from (for example {BASE_FILE}).
 Fine-tuned checkpoint: the DreamBooth checkpoint under audit (models/checkpoints).
 Training caption: the prompt it was fine-tuned with (for example 'sks style', 'a photo of sks dog').
-Type the same two file names into the Audit Report node: it records their SHA-256.""",
+In the Audit Report node pick the same two files from its lists: it records their SHA-256.""",
                   defaults_note("dreambooth"), SSCD_NOTE, OUTPUTS_NOTE],
         "nodes": [*dreambooth_models(), candidates(), *attack("dreambooth")],
     },
@@ -142,7 +143,7 @@ Type the same two file names into the Audit Report node: it records their SHA-25
 Base checkpoint: the model the LoRA was trained on (for example {BASE_FILE}); it is the 'pretrained' model.
 LoRA under audit (models/loras): applied to the base, it is the 'fine-tuned' model. The sampler keeps the two
 branches apart although ComfyUI shares the base weights.
-Training caption: the LoRA's trigger prompt. Type the base and LoRA file names into the Audit Report node.""",
+Training caption: the LoRA's trigger prompt. Pick the base and LoRA files in the Audit Report node's lists.""",
                   defaults_note("lora"), SSCD_NOTE, OUTPUTS_NOTE],
         "nodes": [*lora_models(), candidates(), *attack("lora")],
     },

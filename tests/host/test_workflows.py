@@ -139,6 +139,26 @@ def test_workflow_runs_and_writes_the_audit_report(server, object_info, name):
     assert len(report_ui) == len(folders) and all(output["images"] for output in report_ui)
 
 
+def combo_options(spec: list) -> list:
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+def test_report_lists_the_loaders_files_and_refuses_any_other_name(server, object_info):
+    report = object_info["FineXtractAuditReport"]["input"]["required"]
+    loader = lambda node, name: combo_options(object_info[node]["input"]["required"][name])  # noqa: E731
+    models = loader("CheckpointLoaderSimple", "ckpt_name") + loader("UNETLoader", "unet_name")
+    assert "dreambooth.safetensors" in models and "style.safetensors" in loader("LoraLoaderModelOnly", "lora_name")
+    assert combo_options(report["pretrained_file"]) == ["(none)", *dict.fromkeys(models)]
+    assert combo_options(report["fine_tuned_file"]) == ["(none)", *dict.fromkeys(models)]
+    assert combo_options(report["lora_file"]) == ["(none)", *loader("LoraLoaderModelOnly", "lora_name")]
+    mistyped = replace_inputs(small_prompt(server, object_info, "finextract_dreambooth"),
+                              {"Audit report: FineXtract": {"pretrained_file": "base.safetensor"}})
+    # Refused before anything runs (ComfyUI itself does not check V3 combo values), with what to do.
+    with pytest.raises(RuntimeError, match=r"400.*pretrained_file 'base.safetensor' is not in "
+                       r"models/\{checkpoints,diffusion_models\}: pick the file its loader shows"):
+        server.queue(mistyped)
+
+
 def test_second_run_writes_identical_report(server, object_info):
     name = "finextract_audit_my_images"
     _, (folder,) = run_small(server, object_info, name)
