@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..finextract_core import clustering
 from .bank import CandidateBankType, decode_candidates
+from .embedding import require_images
 from .types import Embeddings
 
 CATEGORY = "FineXtract/clustering"
@@ -50,9 +51,11 @@ class CliqueCluster(io.ComfyNode):
         if candidates is None and (bank is None or vae is None):
             raise ValueError("connect the candidate images, or the Candidate Bank's bank and its VAE, so that the "
                              "extracted candidates can be output as images")
-        if candidates is not None and candidates.shape[0] != len(embeddings):
-            raise ValueError(f"{candidates.shape[0]} candidate images but {len(embeddings)} embeddings: embed the same "
-                             "batch that you cluster")
+        if candidates is not None:
+            require_images(candidates, "candidates")
+            if candidates.shape[0] != len(embeddings):
+                raise ValueError(f"{candidates.shape[0]} candidate images but {len(embeddings)} embeddings: embed the "
+                                 "same batch that you cluster")
         result = clustering.cluster_candidates(embeddings, n0, method=method, min_clique_size=min_clique_size)
         centres = list(result.centres)
         extracted = candidates[centres] if candidates is not None else decode_candidates(bank, vae, centres)

@@ -33,6 +33,13 @@ def missing_file_message(name: str) -> str:
             f"{DOWNLOAD}, or sscd_disc_mixup.torchscript.pt from the same address) and press 'r' to refresh the list.")
 
 
+def require_images(images, input_name: str) -> None:
+    """Refuse an IMAGE input that holds no image, before any model is loaded."""
+    if images.shape[0] == 0:
+        raise ValueError(f"'{input_name}' is an empty image batch (0 images). Check the node that feeds it (an empty "
+                         "folder, or a selection that kept nothing) and connect at least one image.")
+
+
 register_model_folder(SSCD_FOLDER)
 register_model_folder(CLIP_FOLDER)
 
@@ -100,6 +107,7 @@ class SSCDEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, sscd_model, preset, batch_size) -> io.NodeOutput:
+        require_images(images, "images")
         model = load_sscd(sscd_model)
         return io.NodeOutput(_embed_on_device(
             model, lambda device: sscd.embed_images(model, images, preset, batch_size=batch_size, device=device)))
@@ -130,6 +138,7 @@ class OpenCLIPEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, clip_weights, architecture, quick_gelu, batch_size) -> io.NodeOutput:
+        require_images(images, "images")
         path = folder_paths.get_full_path(CLIP_FOLDER, clip_weights) if clip_weights != NO_CLIP_FILE else None
         if path is None:
             folders = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageOps
 
 from ..finextract_core import metrics
+from .embedding import require_images
 from .types import Embeddings
 
 CATEGORY = "FineXtract/evaluation"
@@ -22,7 +23,8 @@ def load_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
         raise FileNotFoundError(f"reference folder '{folder}' does not exist: give the full path of a folder of images")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}'")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}': put the reference images there, "
+                         "or give the folder that holds them")
     batch = []
     for name in names:
         try:
@@ -87,6 +89,8 @@ class ExtractionMetrics(io.ComfyNode):
     @classmethod
     def execute(cls, references, reference_embeddings, extracted, extracted_embeddings, loose_threshold,
                 strict_threshold) -> io.NodeOutput:
+        require_images(references, "references")
+        require_images(extracted, "extracted")
         if references.shape[0] != len(reference_embeddings) or extracted.shape[0] != len(extracted_embeddings):
             raise ValueError("each image batch must come with the embeddings of that same batch, in the same order")
         result = metrics.extraction_metrics(reference_embeddings, extracted_embeddings,

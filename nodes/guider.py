@@ -124,8 +124,11 @@ def pair_models(fine_tuned, pretrained) -> ModelPair:
     extra = _extra_patches(fine_tuned, pretrained)
     if not extra:
         raise ModelPairError(
-            "'fine_tuned' and 'pretrained' are the same weights (two outputs of one loader with no LoRA between them). "
-            "Connect the fine-tuned checkpoint, or the base model through LoraLoaderModelOnly, to 'fine_tuned'."
+            "'fine_tuned' and 'pretrained' are the same weights: either both come from one loader with no LoRA "
+            "between them, or the LoRA between them matches none of this base model's layers (ComfyUI's log then "
+            "lists 'lora key not loaded': a LoRA trained for another model family, such as an SDXL LoRA on SD 1.5). "
+            "Connect the fine-tuned checkpoint, or the base model the LoRA was trained on through "
+            "LoraLoaderModelOnly, to 'fine_tuned'."
         )
     if fine_tuned.object_patches.keys() != pretrained.object_patches.keys():
         LOG.warning("finextract: the fine-tuned MODEL has object patches the pretrained one lacks; they are not applied "

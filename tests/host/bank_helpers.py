@@ -1,4 +1,5 @@
-"""Shared by the candidate bank tests: a centred random SSCD file, and comparing two banks candidate by candidate."""
+"""Shared by the candidate bank tests: a centred random SSCD file, the bank's API prompt for a real server, and
+comparing two banks candidate by candidate."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from finextract_core.bank import CandidateBank
-from run_demo import centred_random_sscd
+from run_demo import attack_prompt, centred_random_sscd
 
 SSCD_NAME = "sscd_test.safetensors"
+BANK_ID = "FineXtractCandidateBank"
 
 
 def write_test_sscd(folder: str) -> str:
@@ -18,6 +20,20 @@ def write_test_sscd(folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
     save_file(centred_random_sscd(), os.path.join(folder, SSCD_NAME))
     return SSCD_NAME
+
+
+def bank_prompt(folder: str, count: int, batch: int, steps: int, sscd_model: str = SSCD_NAME) -> dict:
+    """The demo LoRA attack (loaders and text encoders of run_demo) with the Candidate Bank in place of the sampler."""
+    prompt = attack_prompt(["lora", 0], "unused", guidance_scale=5.0, k=0.0, steps=steps)
+    sample = prompt.pop("sample")["inputs"]
+    del prompt["decode"], prompt["save"]
+    inputs = {name: sample[name] for name in ("fine_tuned", "pretrained", "positive", "negative", "mode",
+                                              "guidance_scale", "k", "latent_image", "seed", "steps",
+                                              "sampler_name", "scheduler")}
+    prompt["bank"] = {"class_type": BANK_ID, "inputs": {
+        **inputs, "vae": ["base", 2], "sscd_model": sscd_model, "preset": "paper", "num_candidates": count,
+        "first_candidate": 0, "batch_size": batch, "bank_folder": folder}}
+    return prompt
 
 
 def shard_count(folder: str) -> int:

@@ -10,26 +10,11 @@ import time
 
 import pytest
 
-from bank_helpers import SSCD_NAME, assert_same_bank, shard_count, write_test_sscd
+from bank_helpers import BANK_ID, assert_same_bank, bank_prompt, shard_count, write_test_sscd
 from comfy_server import ComfyServer, execution_error
-from run_demo import attack_prompt, write_demo_models
+from run_demo import write_demo_models
 
 COUNT, BATCH, STEPS = 6, 2, 3
-BANK_ID = "FineXtractCandidateBank"
-
-
-def bank_prompt(folder: str) -> dict:
-    """The demo LoRA attack (loaders and text encoders of run_demo) with the Candidate Bank in place of the sampler."""
-    prompt = attack_prompt(["lora", 0], "unused", guidance_scale=5.0, k=0.0, steps=STEPS)
-    sample = prompt.pop("sample")["inputs"]
-    del prompt["decode"], prompt["save"]
-    inputs = {name: sample[name] for name in ("fine_tuned", "pretrained", "positive", "negative", "mode",
-                                              "guidance_scale", "k", "latent_image", "seed", "steps",
-                                              "sampler_name", "scheduler")}
-    prompt["bank"] = {"class_type": BANK_ID, "inputs": {
-        **inputs, "vae": ["base", 2], "sscd_model": SSCD_NAME, "preset": "paper", "num_candidates": COUNT,
-        "first_candidate": 0, "batch_size": BATCH, "bank_folder": folder}}
-    return prompt
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +34,7 @@ def server(base):
 @pytest.fixture(scope="module")
 def reference(server):
     folder = os.path.join(server.base, "banks", "reference")
-    entry = server.run(bank_prompt(folder))
+    entry = server.run(bank_prompt(folder, COUNT, BATCH, STEPS))
     assert execution_error(entry) is None, execution_error(entry)
     return folder
 
@@ -73,14 +58,14 @@ def test_bank_nodes_are_served_with_tooltips(server):
 
 def test_interrupted_run_resumes_to_the_same_bank(server, reference):
     folder = os.path.join(server.base, "banks", "interrupted")
-    prompt_id = server.queue(bank_prompt(folder))
+    prompt_id = server.queue(bank_prompt(folder, COUNT, BATCH, STEPS))
     wait_for_first_shard(server, folder, prompt_id)
     server.post("/interrupt", {})
     entry = server.wait(prompt_id, timeout=120)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
     assert 1 <= shard_count(folder) < COUNT // BATCH, "the interrupt must land mid-run, after a stored batch"
-    entry = server.run(bank_prompt(folder))
+    entry = server.run(bank_prompt(folder, COUNT, BATCH, STEPS))
     assert execution_error(entry) is None, execution_error(entry)
     assert_same_bank(folder, reference, COUNT)
 
@@ -88,12 +73,12 @@ def test_interrupted_run_resumes_to_the_same_bank(server, reference):
 def test_killed_server_resumes_to_the_same_bank(server, base, reference):
     folder = os.path.join(base, "banks", "killed")
     with ComfyServer(base, log_path=os.path.join(base, "killed.log")) as doomed:
-        prompt_id = doomed.queue(bank_prompt(folder))
+        prompt_id = doomed.queue(bank_prompt(folder, COUNT, BATCH, STEPS))
         wait_for_first_shard(doomed, folder, prompt_id)
         os.killpg(doomed.process.pid, signal.SIGKILL)
         doomed.process.wait()
     assert 1 <= shard_count(folder) < COUNT // BATCH, "the kill must land mid-run, after a stored batch"
-    entry = server.run(bank_prompt(folder))  # another server process resumes the bank
+    entry = server.run(bank_prompt(folder, COUNT, BATCH, STEPS))  # another server process resumes the bank
     assert execution_error(entry) is None, execution_error(entry)
     assert_same_bank(folder, reference, COUNT)
 
@@ -102,8 +87,8 @@ def test_unwritable_bank_folder_is_a_clear_error_and_the_server_goes_on(server, 
     blocker = os.path.join(base, "not_a_folder")
     with open(blocker, "w") as handle:
         handle.write("a file where the bank's parent folder should be")
-    entry = server.run(bank_prompt(os.path.join(blocker, "bank")))
+    entry = server.run(bank_prompt(os.path.join(blocker, "bank"), COUNT, BATCH, STEPS))
     message = execution_error(entry)
     assert message is not None and "Cannot write the candidate bank" in message and "bank_folder" in message, message
-    entry = server.run(bank_prompt(reference))  # the complete bank: nothing to generate
+    entry = server.run(bank_prompt(reference, COUNT, BATCH, STEPS))  # the complete bank: nothing to generate
     assert execution_error(entry) is None, execution_error(entry)
