@@ -29,16 +29,16 @@ SUMMARY_NAME = "summary.png"
 CELL = 160  # pixel side of each image in the summary
 
 MEANING = (
-    "Each score is the cosine similarity between the SSCD copy-detection descriptors of a reference image and its "
-    "closest extracted image: about 1 for the same picture, about 0 for unrelated ones. The paper counts a reference "
-    "as extracted when its best score exceeds 0.6 (loose) or 0.7 (strict); AS is the mean best score and A-ESR the "
-    "fraction of references above a threshold."
+    "Each score is the cosine similarity between the descriptors of a reference image and its closest extracted image "
+    "(SSCD copy detection in the paper; 'embedder' names the one used here): about 1 for the same picture, about 0 "
+    "for unrelated ones. The paper counts a reference as extracted when its best score exceeds 0.6 (loose) or 0.7 "
+    "(strict); AS is the mean best score and A-ESR the fraction of references above a threshold."
 )
 NOT_MEANING = (
     "A score is a similarity, not a proof. A high score says that an extracted image looks like a copy of the "
-    "reference to SSCD; it does not prove that the reference was in the fine-tuning set (the base model may have "
-    "learnt a similar picture, near-duplicates exist, and descriptors can be fooled). A low score does not prove the "
-    "opposite either: extraction can miss images that were used (try more candidates, another w' or caption). "
+    "reference to the descriptor; it does not prove that the reference was in the fine-tuning set (the base model may "
+    "have learnt a similar picture, near-duplicates exist, and descriptors can be fooled). A low score does not prove "
+    "the opposite either: extraction can miss images that were used (try more candidates, another w' or caption). "
     "Without references, the cluster sizes only say how often the model produced similar images."
 )
 
@@ -130,15 +130,15 @@ def _score_bar(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], score:
 
 
 def summary_with_references(references: torch.Tensor, extracted: torch.Tensor, rows: list[dict],
-                            metrics: dict, thresholds: list[float], names: list[str]) -> Image.Image:
-    """reference | best extracted match | SSCD score bar, best score first, under a header with AS and A-ESR."""
+                            metrics: dict, thresholds: list[float], names: list[str], embedder: str) -> Image.Image:
+    """reference | best extracted match | score bar, best score first, under a header with AS and A-ESR."""
     header = 70
     width = 2 * CELL + 360
     summary = Image.new("RGB", (width, header + CELL * len(rows)), "white")
     draw = ImageDraw.Draw(summary)
     rates = "   ".join(f"A-ESR > {t:g}: {metrics['A-ESR'][f'{t:g}']:.2f}" for t in thresholds)
     draw.text((10, 8), f"AS {metrics['AS']:.3f}   {rates}", fill="black", font=_font(20))
-    draw.text((10, 40), "reference | best extracted match | SSCD similarity (a similarity, not a proof)",
+    draw.text((10, 40), f"reference | best extracted match | {embedder} similarity (a similarity, not a proof)",
               fill=(80, 80, 80), font=_font(14))
     for position, row in enumerate(rows):
         top = header + position * CELL
@@ -201,7 +201,7 @@ def render_html(report: dict, summary_png: bytes, extracted_pngs: list[bytes], r
     parts.append(f"<h2>Summary</h2><img alt='summary' src='{_data_uri(summary_png)}' style='max-width:100%'>")
     if metrics is not None:
         parts.append("<h2>Per reference, best score first</h2><table><tr><th>reference</th><th>best extracted match"
-                     "</th><th>SSCD similarity</th><th>beyond thresholds</th></tr>")
+                     "</th><th>similarity</th><th>beyond thresholds</th></tr>")
         for row in report["references"]:
             exceeded = ", ".join(f"&gt; {escape(t)}" for t in sorted(metrics["A-ESR"]) if row["score"] > float(t))
             parts.append(
@@ -335,7 +335,8 @@ class AuditReport(io.ComfyNode):
             report["references"] = [{**row, "name": names[row["reference"]]} for row in rows]
             thresholds = sorted(float(t) for t in metrics["A-ESR"])
             reference_pngs = [png_bytes(to_pil(image)) for image in references]
-            summary = summary_with_references(references, extracted, rows, metrics, thresholds, names)
+            summary = summary_with_references(references, extracted, rows, metrics, thresholds, names,
+                                              extracted_embeddings.model_id)
         else:
             summary = summary_of_clusters(extracted, sizes)
         summary_png = png_bytes(summary)

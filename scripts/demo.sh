@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: builds (or reuses) the ComfyUI host, then runs the demo extraction through a real ComfyUI server.
-# Extra arguments go to scripts/run_demo.py (--out DIR, --n0 N, --steps N).
+# The main job: builds (or reuses) the ComfyUI host and the demo world, then extracts the world's fine-tuning photos
+# with the DreamBooth and LoRA example workflows through a real ComfyUI server.
+# Extra arguments go to scripts/run_demo.py (--out DIR, --n0 N, --steps N, --cache DIR; see --help).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/bootstrap_host.sh"

@@ -1,24 +1,34 @@
-"""The main job: the pack's DreamBooth and LoRA example workflows, run on demo models through a real ComfyUI server.
+"""The main job: FineXtract's DreamBooth and LoRA example workflows run on a small trained world through a real
+ComfyUI server, extracting the world's fine-tuning images.
 
-Builds (once, then reuses) small SD 1.x-shaped demo models: a base checkpoint, a DreamBooth-style fine-tuned
-checkpoint (and UNet), a LoRA and an SSCD file. Starts ComfyUI headless on 127.0.0.1, converts
-workflows/finextract_dreambooth.json and workflows/finextract_lora.json to API form with the demo files swapped in,
-queues them over the HTTP API (N = 50 x N0 candidates each, the paper's w' and k) and copies each audit report
-(report.html, summary.png, the extracted images, report.json) to OUT/<case>/.
+1. Builds (once, then reuses from cache/demo_world/<spec digest>) a small demo world from the proving ground
+   (finextract_core/world): a 32x32 text-to-image diffusion model pretrained on procedural images, fine-tuned
+   DreamBooth-style and with a LoRA on N0 real photos from scikit-image's sample images, captioned "a sks photo".
+2. Starts ComfyUI headless on 127.0.0.1 and converts workflows/finextract_dreambooth.json and
+   workflows/finextract_lora.json to API form, with the world's nodes swapped in: World Loader for the checkpoint
+   loaders, World Text Encode for CLIPTextEncode, World Decode for VAEDecode, World Embed for SSCD Embed (SSCD is
+   meaningless at 32x32). The LoRA goes through ComfyUI's own LoraLoaderModelOnly. Extraction Metrics against the
+   fine-tuning images is added, so each audit report scores what was extracted.
+3. Queues both over the HTTP API (N = 50 x N0 candidates, the paper's w' and k) and copies each audit report
+   (report.html, summary.png, the extracted images, report.json with the SHA-256 of every world file) to OUT/<case>/.
 
-    python scripts/run_demo.py [--out out/demo] [--n0 1] [--steps 10]
+    python scripts/run_demo.py [--out out/demo] [--n0 3] [--steps 20]
 
-The demo models have random weights: the run shows the pipeline working end to end, not a real extraction.
+The rest of this module builds the random-weight SD 1.x-shaped models that the tests swap into the example workflows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
+import threading
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,11 +36,14 @@ import make_workflows  # noqa: E402
 from comfy_server import REPO_ROOT, ComfyServer, execution_error  # noqa: E402
 from workflow_api import ui_to_api  # noqa: E402
 
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)  # appended: the pack's nodes/ must never shadow ComfyUI's nodes module
+
 # Bump when the demo models change, so cached ones are rebuilt.
 DEMO_MODELS_VERSION = "1"
 DEMO_WORKFLOW_FILES_VERSION = "1"
 DEMO_SSCD = "demo_sscd.safetensors"
-# The example workflows' model files -> the demo's.
+# The example workflows' model files -> the test models'.
 DEMO_FILES = {
     make_workflows.BASE_FILE: "base.safetensors",
     make_workflows.DREAMBOOTH_FILE: "dreambooth.safetensors",
@@ -38,7 +51,144 @@ DEMO_FILES = {
     make_workflows.SSCD_FILE: DEMO_SSCD,
 }
 
+# ---------------------------------------------------------------------------------------------- the demo world
+PRETRAINING_STEPS = 300  # the proving ground's world takes 700; this one must build in a few minutes on 2 cores
+WORLD_LINK = "finextract_demo_world"  # the world's folder as it appears in ComfyUI's model lists
+REFERENCES = "demo_fine_tuning_images"  # under ComfyUI's input folder
 
+
+@dataclass(frozen=True)
+class DemoWorld:
+    folder: str
+    caption: str
+    image_names: list[str]
+    images: "np.ndarray"  # (N0, 3, 32, 32) in [-1, 1], what the fine-tunes saw
+    fine_tunes: dict[str, str]  # style -> path of the fine-tune file
+
+
+def demo_world_spec(pretraining_steps: int):
+    from finextract_core.world.store import WorldSpec
+    from finextract_core.world.training import PretrainSettings
+
+    return WorldSpec(seed=0, pretraining=PretrainSettings(steps=pretraining_steps))
+
+
+def fine_tune_settings(steps: int | None) -> dict:
+    """The proving ground's 'saturated' strength per style (trained until 70% of the way from the pretrained model to
+    an exact memoriser of the N0 photos, under a step cap): the paper's high-lambda regime, where extraction works.
+    ``steps`` replaces the cap (for a quick test)."""
+    from dataclasses import replace
+
+    from finextract_core.world.training import STRENGTHS
+
+    return {style: STRENGTHS[style]["saturated"] if steps is None else replace(STRENGTHS[style]["saturated"],
+                                                                                steps=steps)
+            for style in ("dreambooth", "lora")}
+
+
+def build_demo_world(cache: str, n0: int, pretraining_steps: int, fine_tune_steps: int | None,
+                     progress) -> DemoWorld:
+    """The world and its two fine-tunes, built once (single-threaded: the same spec gives the same bytes) and reused
+    from ``cache/<spec digest>``."""
+    import numpy as np
+    import torch
+    from finextract_core.world import data, store
+    from finextract_core.world.text import concept_caption
+
+    torch.set_num_threads(1)
+    spec = demo_world_spec(pretraining_steps)
+    folder = os.path.join(cache, spec.digest())
+    cached = os.path.exists(os.path.join(folder, store.SPEC_FILE))
+    with progress.ticking(f"demo world: reusing {folder}" if cached else
+                          f"demo world: building {folder} ({pretraining_steps} pretraining steps, a few minutes)"):
+        world = store.build_or_load(folder, spec)
+    (paths,) = data.split_concepts(data.default_image_paths(), 1, n0)
+    images = np.stack([data.load_image(p) for p in paths])
+    caption = concept_caption(0)
+    fine_tunes = {}
+    for style, settings in fine_tune_settings(fine_tune_steps).items():
+        with progress.ticking(f"{style} fine-tune on {n0} photos captioned {caption!r}"):
+            fine_tunes[style] = store.build_or_load_fine_tune(world, images, caption, settings, seed=0)
+    names = [os.path.splitext(os.path.basename(p))[0] + ".png" for p in paths]
+    return DemoWorld(folder, caption, names, images, fine_tunes)
+
+
+def install_world(demo: DemoWorld, comfy_base: str) -> dict[str, str]:
+    """Links the world into ComfyUI's model folders (so the Audit Report lists and hashes its files) and writes the
+    fine-tuning images as references; returns the report's file names per role."""
+    import numpy as np
+    from PIL import Image
+
+    links = {os.path.join(comfy_base, "models", "diffusion_models", WORLD_LINK): demo.folder,
+             os.path.join(comfy_base, "models", "loras", WORLD_LINK): os.path.dirname(demo.fine_tunes["lora"])}
+    for link, target in links.items():
+        if os.path.islink(link) and os.readlink(link) != target:
+            os.remove(link)  # a world of another spec
+        if not os.path.islink(link):
+            os.symlink(target, link)
+    references = os.path.join(comfy_base, "input", REFERENCES)
+    shutil.rmtree(references, ignore_errors=True)
+    os.makedirs(references)
+    for name, image in zip(demo.image_names, demo.images):
+        pixels = np.round((image.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)  # exact: load_image gave k / 255
+        Image.fromarray(pixels).save(os.path.join(references, name))
+    return {"pretrained": f"{WORLD_LINK}/pretrained.safetensors",
+            "dreambooth": f"{WORLD_LINK}/finetunes/{os.path.basename(demo.fine_tunes['dreambooth'])}",
+            "lora": f"{WORLD_LINK}/{os.path.basename(demo.fine_tunes['lora'])}"}
+
+
+def world_prompt(workflow: str, object_info: dict, demo: DemoWorld, files: dict[str, str], references: str, *,
+                 n0: int, steps: int) -> dict:
+    """An example workflow in API form on the demo world: the world's loader, text encoder, decoder and descriptor in
+    place of the checkpoint loaders, CLIPTextEncode, VAEDecode and SSCD Embed, and metrics against the references."""
+    from finextract_core.world.data import RESOLUTION
+
+    with open(os.path.join(make_workflows.WORKFLOWS_DIR, f"{workflow}.json")) as f:
+        prompt = ui_to_api(json.load(f), object_info)
+    fine_tune = os.path.basename(demo.fine_tunes["dreambooth"])
+    report_files = {make_workflows.BASE_FILE: files["pretrained"], make_workflows.DREAMBOOTH_FILE: files["dreambooth"],
+                    make_workflows.LORA_FILE: files["lora"]}
+    reports = []
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":  # outputs MODEL, CLIP, VAE -> MODEL, text_encoder
+            tuned = inputs["ckpt_name"] == make_workflows.DREAMBOOTH_FILE
+            node.update(class_type="FineXtractWorldLoader",
+                        inputs={"world": demo.folder, "fine_tune": fine_tune if tuned else ""})
+        elif kind == "CLIPTextEncode":
+            node.update(class_type="FineXtractWorldTextEncode",
+                        inputs={"text_encoder": inputs["clip"], "text": demo.caption if inputs["text"] else ""})
+        elif kind == "VAEDecode":
+            node.update(class_type="FineXtractWorldDecode", inputs={"samples": inputs["samples"]})
+        elif kind == "FineXtractSSCDEmbed":
+            node.update(class_type="FineXtractWorldEmbed", inputs={"images": inputs["images"]})
+        elif kind == "LoraLoaderModelOnly":
+            inputs["lora_name"] = files["lora"]
+        elif kind == "EmptyLatentImage":  # latents are 1/8 of the size asked for: 8 x 32 gives the world's 32 px
+            inputs.update(width=8 * RESOLUTION, height=8 * RESOLUTION, batch_size=50 * n0)
+        elif kind == "FineXtractModelGuidanceSampler":
+            inputs["steps"] = steps
+        elif kind == "FineXtractCliqueCluster":
+            inputs["n0"] = n0
+        elif kind == "FineXtractAuditReport":
+            inputs.update({name: report_files.get(value, value) for name, value in inputs.items()
+                           if isinstance(value, str)})
+            reports.append(node)
+    (report,) = reports
+    prompt["demo_references"] = {"class_type": "FineXtractLoadReferenceImages",
+                                 "inputs": {"folder": references, "size": RESOLUTION}}
+    prompt["demo_reference_embed"] = {"class_type": "FineXtractWorldEmbed",
+                                      "inputs": {"images": ["demo_references", 0]}}
+    prompt["demo_metrics"] = {"class_type": "FineXtractExtractionMetrics", "inputs": {
+        "references": ["demo_references", 0], "reference_embeddings": ["demo_reference_embed", 0],
+        "extracted": report["inputs"]["extracted"], "extracted_embeddings": report["inputs"]["extracted_embeddings"],
+        "loose_threshold": 0.6, "strict_threshold": 0.7}}
+    report["inputs"].update(references=["demo_references", 0], metrics_json=["demo_metrics", 4],
+                            reference_names=["demo_references", 1])
+    return prompt
+
+
+# ------------------------------------------------------------------------------ test models for the workflows
 def attack_prompt(fine_tuned: list, prefix: str, *, mode: str = "finextract", guidance_scale: float = 3.0,
                   k: float = -0.02, pretrained: list | None = None, batch: int = 2, steps: int = 4, seed: int = 7,
                   size: int = 64) -> dict:
@@ -109,9 +259,6 @@ def centred_random_sscd(seed: int = 0) -> dict:
     positive), and centring leaves how an image differs from a typical one, so unrelated images come out roughly
     uncorrelated, as with the trained model."""
     import torch
-
-    if REPO_ROOT not in sys.path:
-        sys.path.append(REPO_ROOT)  # appended: the pack's nodes/ must never shadow ComfyUI's nodes module
     from finextract_core import sscd
 
     torch.manual_seed(seed)
@@ -148,39 +295,66 @@ def report_folders(prompt: dict, output: str) -> list[str]:
             if node["class_type"] == "FineXtractAuditReport"]
 
 
-def main() -> int:
+class Progress:
+    """Progress lines: ``[demo   42 s] message``, and a line every ``every`` seconds while something long runs."""
+
+    def __init__(self, every: float = 15.0):
+        self.started = time.monotonic()
+        self.every = every
+
+    def __call__(self, message: str) -> None:
+        print(f"[demo {time.monotonic() - self.started:5.0f} s] {message}", flush=True)
+
+    @contextlib.contextmanager
+    def ticking(self, message: str):
+        self(message)
+        began, done = time.monotonic(), threading.Event()
+
+        def tick() -> None:
+            while not done.wait(self.every):
+                self(f"  ... {message.split(' (')[0]}: {time.monotonic() - began:.0f} s")
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "demo"))
-    parser.add_argument("--n0", type=int, default=1, help="training images to extract; N = 50 x N0 candidates")
-    parser.add_argument("--steps", type=int, default=10)
-    opts = parser.parse_args()
+    parser.add_argument("--cache", default=os.path.join(REPO_ROOT, "cache", "demo_world"),
+                        help="where demo worlds are kept, one folder per spec digest")
+    parser.add_argument("--n0", type=int, default=3, help="fine-tuning photos (N0); N = 50 x N0 candidates")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--pretraining-steps", type=int, default=PRETRAINING_STEPS)
+    parser.add_argument("--fine-tune-steps", type=int, help="cap on fine-tuning steps (default: the proving "
+                        "ground's 'saturated' strength)")
+    opts = parser.parse_args(argv)
     out = os.path.abspath(opts.out)
     comfy_base = os.path.join(out, "comfy")
-    started = time.monotonic()
+    progress = Progress()
+    logging.basicConfig(level=logging.INFO, format="             %(message)s", stream=sys.stdout)
 
-    def progress(message: str) -> None:
-        print(f"[demo {time.monotonic() - started:5.0f} s] {message}", flush=True)
-
-    progress("building or reusing the demo models")
-    write_workflow_demo_models(os.path.join(comfy_base, "models"))
+    demo = build_demo_world(os.path.abspath(opts.cache), opts.n0, opts.pretraining_steps, opts.fine_tune_steps,
+                            progress)
+    os.makedirs(os.path.join(comfy_base, "models", "diffusion_models"), exist_ok=True)
+    os.makedirs(os.path.join(comfy_base, "models", "loras"), exist_ok=True)
+    os.makedirs(os.path.join(comfy_base, "input"), exist_ok=True)
+    files = install_world(demo, comfy_base)
+    references = os.path.join(comfy_base, "input", REFERENCES)
     progress("starting ComfyUI on 127.0.0.1")
     with ComfyServer(comfy_base) as server:
         object_info = server.get("/object_info")
         for case in ("dreambooth", "lora"):
             workflow = f"finextract_{case}"
-            n = 50 * opts.n0
-            progress(f"{case}: workflows/{workflow}.json, N = {n} candidates, N0 = {opts.n0}")
-            prompt = demo_prompt(workflow, object_info, n0=opts.n0, candidates=n, steps=opts.steps, size=64)
-            prompt_id = server.queue(prompt)
-            last = [time.monotonic()]
-
-            def tick() -> None:
-                if time.monotonic() - last[0] > 10:
-                    last[0] = time.monotonic()
-                    running = server.get("/queue")["queue_running"]
-                    progress(f"{case}: {'running' if running else 'waiting'}")
-
-            entry = server.wait(prompt_id, on_progress=tick)
+            prompt = world_prompt(workflow, object_info, demo, files, references, n0=opts.n0, steps=opts.steps)
+            with progress.ticking(f"{case}: workflows/{workflow}.json on the world, N = {50 * opts.n0} candidates, "
+                                  f"N0 = {opts.n0}, {opts.steps} steps"):
+                entry = server.run(prompt)
             error = execution_error(entry)
             if error:
                 print(f"[demo] {case} failed: {error}\nComfyUI log: {server.log_path}", file=sys.stderr)
@@ -190,8 +364,11 @@ def main() -> int:
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(report_folder, target)
             with open(os.path.join(target, "report.json")) as f:
-                sizes = json.load(f)["clustering"]["sizes"]
-            progress(f"{case}: {len(sizes)} extracted image(s) (cluster sizes {sizes}); report {target}/report.html")
+                report = json.load(f)
+            scores = ", ".join(f"{row['name']} {row['score']:.2f}" for row in report["references"])
+            rates = ", ".join(f"A-ESR>{t} {r:.2f}" for t, r in sorted(report["metrics"]["A-ESR"].items()))
+            progress(f"{case}: AS {report['metrics']['AS']:.3f}, {rates} (best match per photo: {scores}); "
+                     f"cluster sizes {report['clustering']['sizes']}; report {target}/report.html")
     progress(f"done: extracted images and audit reports in {out}/dreambooth and {out}/lora")
     return 0
 
