@@ -128,6 +128,21 @@ def with_references(kind: str) -> list[dict]:
     ]
 
 
+def recovered_caption() -> list[dict]:
+    """The DreamBooth attack with the caption recovered from the weights (Caption Inverter -> CLIPTextEncode)."""
+    nodes = dreambooth_models()
+    nodes[2:3] = [
+        node("inverter", "FineXtractCaptionInverter", "Caption Inverter: recover the training caption",
+             {"max_words": 3, "iterations": 1000, "restarts": 4, "seed": 0},
+             pretrained="pretrained.MODEL", fine_tuned="fine_tuned.MODEL", clip="fine_tuned.CLIP"),
+        node("caption", "CLIPTextEncode", "Recovered caption", {"text": ""}, clip="fine_tuned.CLIP",
+             text="inverter.caption"),
+    ]
+    nodes += [candidates(), *attack("dreambooth")]
+    nodes[-1]["widgets"]["folder_prefix"] = "finextract/dreambooth_recovered_caption"
+    return nodes
+
+
 SPECS = {
     "finextract_dreambooth": {
         "notes": [f"""FINEXTRACT ON A DREAMBOOTH CHECKPOINT
@@ -158,6 +173,19 @@ the paper finds FineXtract's clusters closer to the training images than either 
                   *attack("dreambooth", "finextract", "_finextract", "FineXtract"),
                   *attack("dreambooth", "cfg", "_cfg", "CFG baseline"),
                   *attack("dreambooth", "direct", "_direct", "direct baseline")],
+    },
+    "finextract_recover_caption": {
+        "notes": [f"""FINEXTRACT WHEN THE TRAINING CAPTION IS UNKNOWN
+The paper's Appendix A: Caption Inverter reads how the fine-tune changed the cross-attention key/value projections
+and searches the prompt those changes answer to most. Its caption feeds the 'Recovered caption' encoder, then the
+attack runs as in 'finextract_dreambooth'. It recovers words (a rare identifier such as 'sks', a subject), not the
+exact caption: read its ranked captions and tokens (shown on the node) and, if you recognise a better prompt, type
+it into a CLIPTextEncode instead. For a LoRA: load the base in both roles and put LoraLoaderModelOnly on the
+fine-tuned side, as in 'finextract_lora'.
+Caption Inverter defaults: max_words 3 (the paper: 3 and 7), iterations 1000 per restart (the paper), 4 restarts;
+on a CPU about 0.1-0.3 s per iteration for SD 1.x's CLIP-L. Same seed, same caption.""",
+                  defaults_note("dreambooth"), SSCD_NOTE, OUTPUTS_NOTE],
+        "nodes": recovered_caption(),
     },
     "finextract_audit_my_images": {
         "notes": ["""AUDIT A LORA AGAINST MY OWN IMAGES

@@ -96,6 +96,8 @@ def small_prompt(server, object_info, name: str) -> dict:
     for node in prompt.values():
         if node["class_type"] == "FineXtractCliqueCluster":
             node["inputs"]["min_clique_size"] = 1  # 6 candidates of a random model need not form two pairs
+        if node["class_type"] == "FineXtractCaptionInverter":
+            node["inputs"].update(iterations=3, restarts=1)
     if name == "finextract_audit_my_images":
         prompt = replace_inputs(prompt, {"My reference images": {
             "folder": os.path.join(server.base, "input", "references"), "size": 64}})
@@ -135,6 +137,10 @@ def test_workflow_runs_and_writes_the_audit_report(server, object_info, name):
     if name == "finextract_audit_my_images":
         assert len(report["references"]) == 3 and report["metrics"]["AS"] is not None
         assert {row["name"] for row in report["references"]} == {"checks.png", "gradient.png", "stripes.png"}
+    if name == "finextract_recover_caption":  # the inverter ran and shows its caption, ranked captions and tokens
+        (shown,) = [output["text"][0] for output in entry["outputs"].values() if "text" in output
+                    and "single tokens:" in output["text"][0]]
+        assert shown.split("\n")[0].strip(), "the inverter gave an empty caption"
     report_ui = [output for output in entry["outputs"].values() if "finextract_report" in output]
     assert len(report_ui) == len(folders) and all(output["images"] for output in report_ui)
 
