@@ -76,14 +76,14 @@ def demo_world_spec(pretraining_steps: int):
 def fine_tune_settings(steps: int | None) -> dict:
     """The proving ground's 'saturated' strength per style (trained until 70% of the way from the pretrained model to
     an exact memoriser of the N0 photos, under a step cap): the paper's high-lambda regime, where extraction works.
-    ``steps`` replaces the cap (for a quick test)."""
+    ``steps`` lowers the cap (a quicker demo, or a test)."""
     from dataclasses import replace
 
     from finextract_core.world.training import STRENGTHS
 
-    return {style: STRENGTHS[style]["saturated"] if steps is None else replace(STRENGTHS[style]["saturated"],
-                                                                                steps=steps)
-            for style in ("dreambooth", "lora")}
+    saturated = {style: STRENGTHS[style]["saturated"] for style in ("dreambooth", "lora")}
+    return {style: settings if steps is None else replace(settings, steps=min(steps, settings.steps))
+            for style, settings in saturated.items()}
 
 
 def build_demo_world(cache: str, n0: int, pretraining_steps: int, fine_tune_steps: int | None,
