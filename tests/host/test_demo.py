@@ -52,7 +52,8 @@ def demo(host, tmp_path_factory):  # host: the ComfyUI server comes from the sam
 def test_demo_builds_the_world_and_leaves_scored_reports(demo):
     out, cache, stdout, _ = demo
     world = os.path.join(cache, demo_world_spec(4).digest())
-    assert "building the world" in stdout and stdout.count("fine-tuning") == 2  # the world's own log lines
+    assert "demo world: building" in stdout
+    assert sorted(name.split("-")[0] for name in os.listdir(os.path.join(world, "finetunes"))) == ["dreambooth", "lora"]
     assert f"done: extracted images and audit reports in {out}/dreambooth and {out}/lora" in stdout
     references = os.path.join(out, "comfy", "input", REFERENCES)
     assert sorted(os.listdir(references)) == ["astronaut.png", "brick.png"]  # scikit-image's first two, by name
@@ -78,9 +79,17 @@ def test_demo_builds_the_world_and_leaves_scored_reports(demo):
         assert {row["name"] for row in report["references"]} == {"astronaut.png", "brick.png"}
 
 
+def world_files(cache: str) -> dict[str, int]:
+    """Every file of the cached worlds and its modification time: a rebuilt file gets a new one."""
+    return {os.path.join(folder, name): os.stat(os.path.join(folder, name)).st_mtime_ns
+            for folder, _, names in os.walk(cache) for name in names}
+
+
 def test_second_run_reuses_the_world_and_writes_the_same_reports(demo):
     out, cache, _, reports = demo
+    built = world_files(cache)
     second = run_demo(out, cache)
-    assert "building the world" not in second and "fine-tuning" not in second
+    assert "demo world: reusing" in second and "demo world: building" not in second
+    assert world_files(cache) == built, "the cached world or its fine-tunes were written again"
     for case, first in reports.items():
         assert open(os.path.join(out, case, "report.json"), "rb").read() == first
