@@ -88,7 +88,7 @@ def fine_tune_settings(steps: int | None) -> dict:
 
 def build_demo_world(cache: str, n0: int, pretraining_steps: int, fine_tune_steps: int | None,
                      progress) -> DemoWorld:
-    """The world and its two fine-tunes, built once (single-threaded: the same spec gives the same bytes) and reused
+    """The world and its two fine-tunes, built once (single-threaded: the same spec gives the same weights) and reused
     from ``cache/<spec digest>``."""
     import numpy as np
     import torch
