@@ -3,26 +3,36 @@
     .host/venv/bin/python scripts/proving_ground.py [--images DIR] [--concepts 2] [--n0 5] [--seed 0] [--out DIR]
 
 Builds or reuses the world (cache/world/<spec digest>: pretrained model + fine-tunes), fine-tunes every concept
-DreamBooth-style and with a LoRA, then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
+DreamBooth-style and with a LoRA, reads each fine-tune's caption back from its weights alone (Appendix A, through
+finextract_core/world/caption.py), then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
 own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
-pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Writes
-results.json (every figure, per concept and as mean and spread over concepts, with chance floors) and extraction.png
-(training images and each method's extractions). Concept i's caption is "a <rare token i> photo"; the default images
-are scikit-image's sample images in name order, N0 consecutive files per concept.
+pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Methods:
+direct, cfg and finextract with the true caption (the paper's Table 1), cfg and finextract with the recovered caption
+and model guidance with the empty caption (Table 7), plain unconditional sampling. Writes results.json (every figure,
+per concept and as mean and spread over concepts, with chance floors; each fine-tune's memorisation and recovered
+caption) and extraction.png (training images and each method's extractions). Concept i's caption is
+"a <rare token i> photo"; the default images are 24 scikit-image samples that stay distinct at 32x32
+(data.DEFAULT_IMAGE_NAMES), N0 consecutive files per concept.
 
-Budget (shared 2-core CPU, one torch thread): building the world takes 9-20 minutes depending on the load; a default
-run on a built world takes about 6 minutes, about 4 once its fine-tunes are cached too. Hence the defaults: 2 concepts of
-N0 = 5, 8 DDIM steps, the paper's guidance scales only. --scales 1.5,2,3,5 adds a w' sweep for cfg and finextract
-(about 2.5x the sampling time); --strength light|partial|saturated sets the fine-tuning strength (the paper's lambda).
+Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is a memorisation target, measured on
+the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
+the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
+
+Budget (shared 2-core CPU, load average 2-3.4, one torch thread): building the world takes 9-20 minutes; with the
+world cached, 4 concepts of N0 = 5 took 1763-1962 s, 906 s of it fine-tunes (DreamBooth on photos needs about 900
+steps to reach partial memorisation); the 2-concept default with its fine-tunes cached took 805 s beside another run.
+All above the issue's 5-minute budget. --scales 1.5,2,3,5 adds a w' sweep for cfg and finextract (about 2.5x the
+sampling time).
 
 What the world is: 32x32 RGB procedural images (gradients, textures, one captioned shape, clutter) with 4-word
 captions; a 0.4 M-parameter cross-attention UNet (SD layer names) and a small transformer text encoder, pretrained
 for 700 steps (finextract_core/world). What it can show: whether, in a real trained text-to-image model, guiding a
 fine-tune away from its base (Eq. 13, Eq. 6) makes memorised fine-tuning images likelier than direct sampling or CFG
-on the same seeds, measured with the pack's own sampler, clustering and metrics. What it cannot show: the paper's
-numbers. The base model is weak (it draws colour fields, not shapes), 32x32 leaves little detail for a descriptor,
-SSCD is replaced by high-pass pixel correlation (see finextract_core/world/similarity.py; its chance floors are in
-every report), and a few concepts of N0 = 5 make A-ESR move in steps of 0.1.
+on the same seeds, measured with the pack's own sampler, clustering and metrics, and whether the caption can be read
+from the weights. What it cannot show: the paper's numbers. The base model is weak (it draws colour fields, not
+shapes), 32x32 leaves little detail for a descriptor, SSCD is replaced by high-pass pixel correlation (see
+finextract_core/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone barely
+memorises here, and a few concepts of N0 = 5 make A-ESR move in steps of 0.05.
 """
 from __future__ import annotations
 
