@@ -126,10 +126,18 @@ def _taesd_shapes() -> dict[str, torch.Size]:
             if k.startswith(("taesd_encoder", "taesd_decoder"))}
 
 
-def save_sd15_checkpoint(path: str, unet: dict[str, torch.Tensor], seed: int = 0) -> str:
-    """A full SD 1.5-detected checkpoint (UNet + CLIP-L + TAESD-shaped VAE) in fp16, loadable by CheckpointLoaderSimple."""
+def save_sd15_checkpoint(path: str, unet: dict[str, torch.Tensor], seed: int = 0,
+                         token_embedding_scale: float = 1.0) -> str:
+    """A full SD 1.5-detected checkpoint (UNet + CLIP-L + TAESD-shaped VAE) in fp16, loadable by CheckpointLoaderSimple.
+
+    ``token_embedding_scale`` > 1 makes the random CLIP keep each token's identity in its output row, as a trained
+    CLIP does (at 1, position embeddings and random attention mixing swamp it): caption inversion needs that.
+    """
     tensors = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
     tensors.update(random_like({**_clip_l_shapes(), **_taesd_shapes()}, seed + 1000))
+    for key in tensors:
+        if key.endswith("embeddings.token_embedding.weight"):
+            tensors[key] = tensors[key] * token_embedding_scale
     save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, path)
     return path
 
