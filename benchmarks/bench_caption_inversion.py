@@ -6,7 +6,8 @@ Timing: a random-weight CLIP-L text encoder (transformers CLIPTextModel, vocabul
 download) and SD-1.5-shaped attn2 to_k / to_v weights (16 cross-attention layers, 768 -> 320 / 640 / 1280). The search
 is timed over a few iterations and extrapolated to 1000 (the paper: 1.5 to 2 minutes per caption on an A100), once
 encoding only the ``L + 2`` positions the score reads (the core's contract) and once padded to 77 positions (what an
-encoder that always runs its full context length, such as ComfyUI's, costs).
+encoder that always runs its full context length, such as ComfyUI's, costs). Then through the pack's functional CLIP
+(finextract_core/clip_text.py, what the Caption Inverter node runs) built from the same weights, as the node uses it.
 
 Recovery rate: the ground-truth trial of tests/core/test_caption_inversion.py over more seeds than the test runs.
 """
@@ -22,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from finextract_core.clip_text import FunctionalClipText, text_encoder_access  # noqa: E402
 from finextract_core.caption_inversion import (  # noqa: E402
     CaptionScorer,
     gather_cross_attention_projections,
@@ -89,6 +91,16 @@ def time_sd15_sized_inversion(timed_iterations: int, prompt_tokens: int, restart
             f"(timed over {timed_iterations}) -> {1000 * per_iteration:.0f} s for 1000 iterations"
         )
 
+    functional = FunctionalClipText({f"text_model.{key}": value for key, value in model.state_dict().items()},
+                                    heads=config.num_attention_heads, activation=config.hidden_act)
+    functional_access = text_encoder_access([functional], access.start_token_id, access.end_token_id)
+    per_iteration = seconds_per_search_iteration(scorer, functional_access, prompt_tokens, restarts, timed_iterations)
+    print(
+        f"search through the functional CLIP (the node's encoder), {prompt_tokens} tokens, {restarts} restarts: "
+        f"{per_iteration:.3f} s per iteration (timed over {timed_iterations}) -> {1000 * per_iteration:.0f} s for "
+        "1000 iterations"
+    )
+
     candidates = access.candidate_token_ids()
     batch = candidates[:512]
     started = time.perf_counter()
@@ -113,7 +125,8 @@ def ground_truth_recovery_rate(seeds: int) -> None:
             f"score {trial.best_caption_score:.3f} (true caption {trial.true_caption_score:.3f}) "
             f"{time.perf_counter() - started:.1f} s"
         )
-    print(f"distinctive token in top 5 single tokens: {top5}/{seeds}; in the best 3-token caption: {in_best}/{seeds}")
+    if seeds:
+        print(f"distinctive token in top 5 single tokens: {top5}/{seeds}; in the best 3-token caption: {in_best}/{seeds}")
     torch.set_num_threads(threads)
 
 
