@@ -191,3 +191,44 @@ def test_bad_pairs_and_mismatched_clips_are_refused_with_advice(setup):
         invert(setup, sdxl_finetune, pretrained=sdxl)
     with pytest.raises(ValueError, match="not single tokens of the CLIP vocabulary: qqqzzz"):
         invert(setup, setup["dreambooth"], search_words="sks qqqzzz")
+
+
+def small_sdxl_clip(seed: int):
+    """ComfyUI's own SDXL CLIP object (CLIP-L + bigG, SDXLClipModel) with reduced widths and depths, random weights."""
+    import types
+
+    import comfy.sd
+    import comfy.sdxl_clip
+
+    def reduced(width: int, heads: int) -> dict:
+        return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": 3, "num_attention_heads": heads}
+
+    target = types.SimpleNamespace(clip=comfy.sdxl_clip.SDXLClipModel, tokenizer=comfy.sdxl_clip.SDXLTokenizer, params={})
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32, "clip_l_model_config": reduced(32, 2),
+                                                       "clip_g_model_config": reduced(48, 3)})
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, value in clip.cond_stage_model.state_dict().items():
+        scale = 0.3 if value.dim() < 2 else value.shape[-1] ** -0.5
+        weights[key] = torch.randn(value.shape, generator=generator) * scale + float("layer_norm" in key and key.endswith("weight"))
+    clip.cond_stage_model.load_state_dict(weights, strict=True)
+    return clip
+
+
+def test_an_sdxl_clip_is_read_as_clip_l_and_bigg_penultimate_layers_concatenated_like_comfyuis_encode(setup):
+    clip = small_sdxl_clip(seed=0)
+    tokens = clip.tokenize(CAPTION)
+    with torch.inference_mode():
+        expected = clip.encode_from_tokens(tokens)  # SDXLClipModel: cat([clip_l, clip_g]) of penultimate layers
+    with torch.inference_mode(False):
+        encoders = setup["captions"].functional_text_encoders(clip, "cpu")
+        assert [(e.width, e.output_layer, e.final_layer_norm) for e in encoders] == [(32, 1, False), (48, 1, False)]
+        access = setup["captions"].text_encoder_access(encoders, 49406, 49407)
+        rows = len(CAPTION.split()) + 2
+        ids = torch.tensor([[token for token, _ in tokens["l"][0]]])[:, :rows]
+        actual = access.encode_embeddings(access.token_embeddings[ids])
+    assert expected.shape[-1] == 80
+    assert torch.allclose(actual, expected[:, :rows], atol=1e-4 * expected.abs().max())
+    # An SDXL CLIP with an SD 1.x model: the widths do not match, and the message says which CLIP to use.
+    with pytest.raises(ValueError, match=r"32 \+ 48 = 80 wide but the model's cross-attention reads 768-wide.*SD 1.x: CLIP-L"):
+        invert(setup, setup["dreambooth"], clip=clip)
