@@ -183,7 +183,8 @@ exact caption: read its ranked captions and tokens (shown on the node) and, if y
 it into a CLIPTextEncode instead. For a LoRA: load the base in both roles and put LoraLoaderModelOnly on the
 fine-tuned side, as in 'finextract_lora'.
 Caption Inverter defaults: max_words 3 (the paper: 3 and 7), iterations 1000 per restart (the paper), 4 restarts;
-on a CPU about 0.1-0.3 s per iteration for SD 1.x's CLIP-L. Same seed, same caption.""",
+measured 0.5-1.9 s per iteration for SD 1.x's CLIP-L on a busy 2-core CPU (minutes to half an hour for 1000),
+far faster on a GPU. Same seed, same caption.""",
                   defaults_note("dreambooth"), SSCD_NOTE, OUTPUTS_NOTE],
         "nodes": recovered_caption(),
     },
