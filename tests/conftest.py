@@ -6,7 +6,19 @@ own ``nodes`` folder can never shadow ComfyUI's top-level ``nodes`` module, whic
 import os
 import sys
 
+import pytest
+import torch
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (REPO_ROOT, os.path.join(REPO_ROOT, "scripts")):
     if path not in sys.path:
         sys.path.append(path)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run faster on one thread than on several that spin against each other on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

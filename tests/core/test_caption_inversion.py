@@ -31,13 +31,7 @@ TOY_ATTENTION_WIDTHS = (32, 64, 96, 64, 32)  # like SD's 320 / 640 / 1280 levels
 TOY_TOKEN_EMBEDDING_SCALE = 6.0
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The models here are tiny: one thread is faster than several, which spin against each other on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- Eq. 15-17: one linear layer, one-token caption, plain SGD --------------------------------------------------------

@@ -11,12 +11,7 @@ VOCABULARY = 300
 START, END = VOCABULARY - 2, VOCABULARY - 1
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_clip(seed: int, width: int = 64, layers: int = 3, heads: int = 4, activation: str = "quick_gelu"):
