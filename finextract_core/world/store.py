@@ -113,11 +113,17 @@ def fine_tune_name(images: np.ndarray, caption: str, settings: FineTuneSettings,
     return f"{settings.style}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+FINE_TUNE_METADATA_KEY = "finextract_fine_tune"
+
+
 def fine_tune_record(path: str) -> dict:
     """What a fine-tune file says about itself: caption, style, settings and its training record (steps run,
     memorisation; absent in files written before it was recorded)."""
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata() or {}
+    if FINE_TUNE_METADATA_KEY in metadata:
+        return json.loads(metadata[FINE_TUNE_METADATA_KEY])
+    # Files written before the one-key form kept each field under its own key.
     return {"caption": metadata.get("caption"), "style": metadata.get("style"),
             "settings": json.loads(metadata.get("settings", "{}")), "record": json.loads(metadata.get("record", "{}"))}
 
@@ -133,8 +139,10 @@ def build_or_load_fine_tune(world: World, images: np.ndarray, caption: str, sett
         weights = fine_tune(world.unet, world.text_encoder, torch.from_numpy(images), caption, settings,
                             world.spec.schedule, seed, record=record)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        metadata = {"caption": caption, "style": settings.style, "settings": json.dumps(asdict(settings)),
-                    "world": world.spec.digest(), "record": json.dumps(record)}
+        described = {"caption": caption, "style": settings.style, "settings": asdict(settings),
+                     "world": world.spec.digest(), "record": record}
+        # One metadata key: safetensors writes several in hash-map order, so equal fine-tunes got different bytes.
+        metadata = {FINE_TUNE_METADATA_KEY: json.dumps(described, sort_keys=True)}
         save_file({k: v.contiguous() for k, v in weights.items()}, path + ".tmp", metadata=metadata)
         os.replace(path + ".tmp", path)  # never leave a half-written fine-tune under the cached name
     return path

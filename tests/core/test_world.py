@@ -192,3 +192,16 @@ def test_fine_tune_names_of_settings_without_a_target_are_those_cached_before_ta
     assert store.fine_tune_name(images, "a sks photo", settings, 0) == "dreambooth-" + sha256(key.encode()).hexdigest()[:12]
     assert store.fine_tune_name(images, "a sks photo", dataclasses.replace(settings, target_memorisation=0.4), 0) != \
         store.fine_tune_name(images, "a sks photo", settings, 0)
+
+
+def test_the_same_fine_tune_built_twice_is_the_same_file_and_describes_itself(tiny_world, tmp_path):
+    images = np.asarray(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    settings = FineTuneSettings(steps=2, lr=1e-3)
+    worlds = [tiny_world, store.build_or_load(str(tmp_path / "second"), TINY)]
+    paths = [store.build_or_load_fine_tune(world, images, concept_caption(1), settings, seed=0) for world in worlds]
+    contents = [open(path, "rb").read() for path in paths]
+    assert paths[0] != paths[1] and contents[0] == contents[1]  # the audit report hashes these bytes
+    described = store.fine_tune_record(paths[0])
+    assert (described["caption"], described["style"], described["world"]) == (concept_caption(1), "dreambooth",
+                                                                              TINY.digest())
+    assert described["settings"] == dataclasses.asdict(settings) and described["record"]["steps_run"] == 2
