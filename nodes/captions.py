@@ -31,7 +31,7 @@ from ..finextract_core.caption_inversion import (
     search_hard_prompt,
 )
 from ..finextract_core.clip_text import FunctionalClipText, text_encoder_access
-from .guider import describe_family
+from .guider import check_same_family
 
 CATEGORY = "FineXtract/caption"
 VOCABULARIES = {
@@ -72,10 +72,7 @@ def _check_pair(fine_tuned, pretrained) -> None:
         raise ValueError("The same MODEL is connected to 'fine_tuned' and 'pretrained': connect the fine-tuned checkpoint "
                          "(or the base model through LoraLoaderModelOnly) to 'fine_tuned' and its base model to "
                          "'pretrained'.")
-    if type(fine_tuned.model.model_config) is not type(pretrained.model.model_config):
-        raise ValueError(f"The two MODELs are of different families (fine-tuned: {describe_family(fine_tuned)}, "
-                         f"pretrained: {describe_family(pretrained)}): connect the base checkpoint the fine-tune was "
-                         "trained from to 'pretrained'.")
+    check_same_family(fine_tuned, pretrained)
 
 
 def _text_encoder_parts(clip) -> list[str]:

@@ -51,7 +51,7 @@ def describe_family(patcher) -> str:
     return f"{type(model.model_config).__name__} ({type(model).__name__}, latent {type(model.latent_format).__name__})"
 
 
-def _check_same_family(fine_tuned, pretrained) -> None:
+def check_same_family(fine_tuned, pretrained) -> None:
     ft, pre = fine_tuned.model, pretrained.model
     same_classes = (
         type(ft) is type(pre)
@@ -67,7 +67,7 @@ def _check_same_family(fine_tuned, pretrained) -> None:
     else:
         detail = f"fine-tuned is {describe_family(fine_tuned)}, pretrained is {describe_family(pretrained)}"
     raise ModelPairError(
-        f"The fine-tuned and pretrained MODELs are of different model families ({detail}). Model guidance compares a "
+        f"The fine-tuned and pretrained MODELs are of different model families ({detail}). FineXtract compares a "
         "fine-tune with the exact model it was fine-tuned from: load the base checkpoint the fine-tune was trained on "
         "(for example SD 1.5 for an SD 1.5 DreamBooth, SDXL base for an SDXL LoRA)."
     )
@@ -118,7 +118,7 @@ def pair_models(fine_tuned, pretrained) -> ModelPair:
             "The same MODEL is connected to both 'fine_tuned' and 'pretrained': model guidance needs the fine-tuned "
             "checkpoint (or base + LoRA) and the model it was fine-tuned from."
         )
-    _check_same_family(fine_tuned, pretrained)
+    check_same_family(fine_tuned, pretrained)
     if not fine_tuned.is_clone(pretrained):
         return ModelPair(fine_tuned, pretrained, lora_hooks=None)
     extra = _extra_patches(fine_tuned, pretrained)

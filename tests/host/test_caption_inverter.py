@@ -184,7 +184,7 @@ def test_bad_pairs_and_mismatched_clips_are_refused_with_advice(setup):
     with pytest.raises(ValueError, match="identical cross-attention projections: the fine-tune did not train them"):
         invert(setup, attn1_only)
     sdxl, sdxl_weights = tiny_models.sdxl_patcher(seed=21)
-    with pytest.raises(ValueError, match="different families.*SDXL.*SD15"):
+    with pytest.raises(ValueError, match="different model families.*SDXL.*SD15"):
         invert(setup, sdxl)
     sdxl_finetune, _ = tiny_models.sdxl_patcher(seed=0, unet=tiny_models.fine_tune_of(sdxl_weights, 22))
     with pytest.raises(ValueError, match="768 wide but the model's cross-attention reads 2048-wide"):
