@@ -70,7 +70,8 @@ def demo_world_spec(pretraining_steps: int):
     from finextract_core.world.store import WorldSpec
     from finextract_core.world.training import PretrainSettings
 
-    return WorldSpec(seed=0, pretraining=PretrainSettings(steps=pretraining_steps))
+    # One training thread: the demo's figures in the README were measured on the weights it gives.
+    return WorldSpec(seed=0, pretraining=PretrainSettings(steps=pretraining_steps, threads=1))
 
 
 def fine_tune_settings(steps: int | None) -> dict:
@@ -81,21 +82,19 @@ def fine_tune_settings(steps: int | None) -> dict:
 
     from finextract_core.world.training import STRENGTHS
 
-    saturated = {style: STRENGTHS[style]["saturated"] for style in ("dreambooth", "lora")}
+    saturated = {style: replace(STRENGTHS[style]["saturated"], threads=1) for style in ("dreambooth", "lora")}
     return {style: settings if steps is None else replace(settings, steps=min(steps, settings.steps))
             for style, settings in saturated.items()}
 
 
 def build_demo_world(cache: str, n0: int, pretraining_steps: int, fine_tune_steps: int | None,
                      progress) -> DemoWorld:
-    """The world and its two fine-tunes, built once (single-threaded: the same spec gives the same weights) and reused
-    from ``cache/<spec digest>``."""
+    """The world and its two fine-tunes, built once (the same spec gives the same weights) and reused from
+    ``cache/<spec digest>``."""
     import numpy as np
-    import torch
     from finextract_core.world import data, store
     from finextract_core.world.text import concept_caption
 
-    torch.set_num_threads(1)
     spec = demo_world_spec(pretraining_steps)
     folder = os.path.join(cache, spec.digest())
     cached = os.path.exists(os.path.join(folder, store.SPEC_FILE))

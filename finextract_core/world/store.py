@@ -27,7 +27,7 @@ from .training import LOG, FineTuneSettings, PretrainSettings, fine_tune, pretra
 from .data import images_digest
 from .unet import UNetConfig, WorldUNet
 
-FORMAT_VERSION = 2  # 2: the UNet adds the schedule's skip term
+FORMAT_VERSION = 3  # 2: the UNet adds the schedule's skip term; 3: training threads are part of the spec
 SPEC_FILE = "world.json"
 WEIGHTS_FILE = "pretrained.safetensors"
 
@@ -108,8 +108,7 @@ def _with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 def fine_tune_name(images: np.ndarray, caption: str, settings: FineTuneSettings, seed: int) -> str:
     """A file name that changes with anything that changes the fine-tune's weights."""
-    chosen = {k: v for k, v in asdict(settings).items() if v is not None}  # unset fields keep older names valid
-    key = json.dumps([caption, chosen, seed, images_digest(images)])
+    key = json.dumps([caption, asdict(settings), seed, images_digest(images)], sort_keys=True)
     return f"{settings.style}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

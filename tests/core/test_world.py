@@ -2,8 +2,6 @@
 tiny world."""
 import copy
 import dataclasses
-import json
-from hashlib import sha256
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from finextract_core.world import store
 from finextract_core.world.caption import recover_caption, text_encoder_access
-from finextract_core.world.data import (default_image_paths, images_digest, load_image, procedural_batch,
+from finextract_core.world.data import (default_image_paths, load_image, procedural_batch,
                                         split_concepts)
 from finextract_core.world.similarity import highpass_embeddings, pixel_embeddings
 from finextract_core.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
@@ -111,6 +109,27 @@ def test_dreambooth_fine_tune_is_deterministic_and_leaves_the_base_alone(tiny_wo
     assert any(not torch.equal(before[k], runs[0][k]) for k in before)
 
 
+def test_fine_tunes_train_with_the_threads_their_settings_name_and_give_the_caller_its_own_back(tiny_world):
+    """The thread count changes the weights' last bits, so it is a setting: the caller's own count must not leak in."""
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    seen = []
+    unet = copy.deepcopy(tiny_world.unet)
+    unet.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    runs = []
+    for caller_threads in (1, 2):
+        torch.set_num_threads(caller_threads)
+        runs.append(fine_tune(unet, tiny_world.text_encoder, images, concept_caption(0),
+                              FineTuneSettings(steps=2, lr=1e-3, threads=3), TINY.schedule, seed=1))
+        assert torch.get_num_threads() == caller_threads
+    torch.set_num_threads(1)
+    assert seen and set(seen) == {3}
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    spec = TINY.to_dict()
+    assert spec["pretraining"]["threads"] == 2
+    single_threaded = dataclasses.replace(TINY, pretraining=PretrainSettings(steps=3, batch=4, threads=1))
+    assert single_threaded.digest() != TINY.digest()
+
+
 def test_highpass_descriptor_ignores_colour_layout_that_pixels_see():
     rng = np.random.default_rng(0)
     detail = torch.from_numpy(rng.uniform(0, 1, (1, 3, 32, 32)))
@@ -185,13 +204,19 @@ def test_fine_tuning_to_a_target_memorisation_stops_at_the_first_check_that_reac
     assert targeted["memorisation"] >= 0.05 and targeted["pretrained_loss"] == capped["pretrained_loss"]
 
 
-def test_fine_tune_names_of_settings_without_a_target_are_those_cached_before_targets_existed():
+def test_fine_tune_names_change_with_every_setting_and_input():
     images = np.zeros((1, 3, 32, 32), np.float32)
     settings = FineTuneSettings(400, 2e-4)
-    key = json.dumps(["a sks photo", {"steps": 400, "lr": 2e-4, "rank": 0}, 0, images_digest(images)])
-    assert store.fine_tune_name(images, "a sks photo", settings, 0) == "dreambooth-" + sha256(key.encode()).hexdigest()[:12]
-    assert store.fine_tune_name(images, "a sks photo", dataclasses.replace(settings, target_memorisation=0.4), 0) != \
-        store.fine_tune_name(images, "a sks photo", settings, 0)
+    name = store.fine_tune_name(images, "a sks photo", settings, 0)
+    assert name.startswith("dreambooth-")
+    changed = [dataclasses.replace(settings, **{field: value}) for field, value in
+               (("steps", 401), ("lr", 3e-4), ("target_memorisation", 0.4), ("threads", 1))]
+    others = {store.fine_tune_name(images, "a sks photo", other, 0) for other in changed}
+    others |= {store.fine_tune_name(images, "a zwx photo", settings, 0),
+               store.fine_tune_name(images, "a sks photo", settings, 1),
+               store.fine_tune_name(images + 0.5, "a sks photo", settings, 0)}
+    assert len(others) == 7 and name not in others
+    assert store.fine_tune_name(images, "a sks photo", dataclasses.replace(settings, rank=4), 0).startswith("lora-")
 
 
 def test_the_same_fine_tune_built_twice_is_the_same_file_and_describes_itself(tiny_world, tmp_path):
