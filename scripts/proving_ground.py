@@ -1,6 +1,6 @@
 """Proving ground (issue 4): in a small trained world, does model guidance extract the fine-tuning images, and by how much?
 
-    .host/venv/bin/python scripts/proving_ground.py [--images DIR] [--concepts 2] [--n0 5] [--seed 0] [--out DIR]
+    .host/venv/bin/python scripts/proving_ground.py [--images DIR] [--concepts 2] [--n0 5] [--seeds 0,1] [--out DIR]
 
 Builds or reuses the world (cache/world/<spec digest>: pretrained model + fine-tunes), fine-tunes every concept
 DreamBooth-style and with a LoRA, reads each fine-tune's caption back from its weights alone (Appendix A, through
@@ -8,31 +8,30 @@ finextract_core/world/caption.py), then for each fine-tune samples N = 50 x N0 c
 own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
 pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Methods:
 direct, cfg and finextract with the true caption (the paper's Table 1), cfg and finextract with the recovered caption
-and model guidance with the empty caption (Table 7), plain unconditional sampling. Writes results.json (every figure,
-per concept and as mean and spread over concepts, with chance floors; each fine-tune's memorisation and recovered
-caption) and extraction.png (training images and each method's extractions). Concept i's caption is
-"a <rare token i> photo"; the default images are 24 scikit-image samples that stay distinct at 32x32
-(data.DEFAULT_IMAGE_NAMES), N0 consecutive files per concept.
+and model guidance with the empty caption (Table 7), plain unconditional sampling. Writes results.json (every figure
+per concept and seed, and as mean and standard deviation over the concept-seed pairs, with chance floors; each
+fine-tune's memorisation and recovered caption) and extraction.png (training images and each method's extractions).
+Concept i's caption is "a <rare token i> photo"; the default images are 24 scikit-image samples that stay distinct at
+32x32 (data.DEFAULT_IMAGE_NAMES), N0 consecutive files per concept.
 
 Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is a memorisation target, measured on
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
 the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
 
-Budget (shared 2-core CPU, load average 2-3.4, one torch thread): building the world takes 9-20 minutes; with the
-world cached, 4 concepts of N0 = 5 took 1763-1962 s, 906 s of it fine-tunes (DreamBooth on photos needs about 900
-steps to reach partial memorisation); the 2-concept default with its fine-tunes cached took 805 s beside another run.
-All above the issue's 5-minute budget. --scales 1.5,2,3,5 adds a w' sweep for cfg and finextract (about 2.5x the
-sampling time).
+Budget (the default run: 2 concepts, N0 = 5, one seed; 2-core CPU, otherwise idle, 2 torch threads): from nothing,
+1162 s (world pretraining 692, four fine-tunes 212, sampling and scoring the rest); with the world and its fine-tunes
+cached, 256 s, with the same figures. --scales 1.5,2,3,5 adds a w' sweep for cfg and finextract (about 2.5x the
+sampling time); each extra seed or concept repeats its fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (gradients, textures, one captioned shape, clutter) with 4-word
 captions; a 0.4 M-parameter cross-attention UNet (SD layer names) and a small transformer text encoder, pretrained
-for 700 steps (finextract_core/world). What it can show: whether, in a real trained text-to-image model, guiding a
+for 1,500 steps (finextract_core/world). What it can show: whether, in a real trained text-to-image model, guiding a
 fine-tune away from its base (Eq. 13, Eq. 6) makes memorised fine-tuning images likelier than direct sampling or CFG
 on the same seeds, measured with the pack's own sampler, clustering and metrics, and whether the caption can be read
 from the weights. What it cannot show: the paper's numbers. The base model is weak (it draws colour fields, not
 shapes), 32x32 leaves little detail for a descriptor, SSCD is replaced by high-pass pixel correlation (see
 finextract_core/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone barely
-memorises here, and a few concepts of N0 = 5 make A-ESR move in steps of 0.05.
+memorises here (see training.STRENGTHS), and a few concepts of N0 = 5 make A-ESR move in steps of 0.05.
 """
 from __future__ import annotations
 
@@ -59,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: 24 of scikit-image's sample images that stay distinct at 32x32)")
     parser.add_argument("--concepts", type=int, default=2)
     parser.add_argument("--n0", type=int, default=5, help="fine-tuning images per concept")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tunes and of the sampling noise")
+    parser.add_argument("--seeds", type=_seeds, default=[0], help="seeds of the fine-tunes and of the sampling noise, "
+                        "comma-separated: each seed repeats every concept (fine-tunes included), and every figure is "
+                        "reported as its mean and spread over the concept-seed pairs")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the pretrained world (a new seed rebuilds it)")
     parser.add_argument("--world", help="world folder: an existing world is used as it is, a new one is built there "
                         "(default: cache/world/<digest of the default spec>)")
@@ -69,8 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--scheduler", default="ddim_uniform")
     parser.add_argument("--scales", default="", help="extra w' values for cfg and finextract, e.g. 1.5,2,3,5")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch CPU threads for sampling (training uses the thread count its settings name)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "proving_ground"))
     return parser.parse_args(argv)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, e.g. 0,1 (got {text!r})") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seed repeated in {text!r}: each seed is a separate run")
+    return seeds
 
 
 class ProvingGround:
@@ -78,7 +91,7 @@ class ProvingGround:
         from comfy_inprocess import load_host
 
         self.args = args
-        self.host = load_host(threads=1)
+        self.host = load_host(threads=args.threads)
         pack = lambda name: importlib.import_module(f"{self.host.pack_name}.{name}")  # noqa: E731
         self.world_nodes = pack("nodes.world")
         self.store = pack("finextract_core.world.store")
@@ -193,16 +206,16 @@ class ProvingGround:
         encode = lambda caption: self.world_nodes.WorldTextEncode.execute(text_encoder, caption).args[0]  # noqa: E731
         empty = encode("")
         concepts, fine_tune_seconds = [], 0.0
-        for index, files in enumerate(paths):
+        for run_seed, (index, files) in ((s, c) for s in args.seeds for c in enumerate(paths)):
             caption = self.text.concept_caption(index)
             images = np.stack([self.data.load_image(p) for p in files])
             references = torch.from_numpy((images + 1) / 2)
-            positive, seed = encode(caption), args.seed * 1000 + index
-            LOG.info(f"concept {index} ({caption!r}): {', '.join(os.path.basename(p) for p in files)}")
+            positive, seed = encode(caption), run_seed * 1000 + index
+            LOG.info(f"seed {run_seed}, concept {index} ({caption!r}): {', '.join(os.path.basename(p) for p in files)}")
             floor_images, _ = self.pretrained_with_caption(pretrained, positive, empty, seed)
             random_images, _ = self.data.procedural_batch(np.random.default_rng(seed), self.n_candidates,
                                                           drop_captions=False)
-            concept = {"index": index, "caption": caption, "images": [os.path.basename(p) for p in files],
+            concept = {"index": index, "seed": run_seed, "caption": caption, "images": [os.path.basename(p) for p in files],
                        "references": references, "styles": {},
                        "floors": {"random_pretraining_images": self.evaluate(torch.from_numpy((random_images + 1) / 2),
                                                                              references),
@@ -210,7 +223,7 @@ class ProvingGround:
             for style in ("dreambooth", "lora"):
                 settings = self.training.STRENGTHS[style][args.strength]
                 tuned = time.perf_counter()
-                path = self.store.build_or_load_fine_tune(world, images, caption, settings, seed=args.seed + index)
+                path = self.store.build_or_load_fine_tune(world, images, caption, settings, seed=run_seed + index)
                 fine_tune_seconds += time.perf_counter() - tuned
                 recovery = self.recover_caption(world, path, style, caption, seed)
                 LOG.info(f"  {style:10s} memorisation {self.store.fine_tune_record(path)['record'].get('memorisation')}"
@@ -263,11 +276,11 @@ def _figures(scored) -> dict:
 
 
 def _mean_and_spread(values: list[float]) -> dict:
-    return {"mean": round(float(np.mean(values)), 4), "std_over_concepts": round(float(np.std(values)), 4)}
+    return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4)}
 
 
 def summarise(concepts: list[dict]) -> dict:
-    """Per style and method: every figure as its mean and spread over concepts."""
+    """Per style and method: every figure as its mean and standard deviation over the concept-seed pairs."""
     def table(entries: list[dict]) -> dict:
         return {"AS": _mean_and_spread([e["AS"] for e in entries]),
                 "A-ESR 0.6": _mean_and_spread([e["A-ESR 0.6"] for e in entries]),
@@ -301,13 +314,13 @@ def summarise_fine_tunes(concepts: list[dict]) -> dict:
 
 
 def summary_table(summary: dict) -> str:
-    """The summary as aligned text: mean (spread over concepts) per figure."""
+    """The summary as aligned text: mean (standard deviation over the concept-seed pairs) per figure."""
     columns = {"AS": "AS", "A-ESR 0.6": "A-ESR 0.6", "A-ESR 0.7": "A-ESR 0.7",
                "best_of_all_candidates_AS": "best-of-N AS", "pixel_AS": "pixel AS"}
-    lines = [f"{'mean (spread over concepts)':62s}" + "".join(f"{c:>22s}" for c in columns.values())]
+    lines = [f"{'mean (std over concept-seed pairs)':62s}" + "".join(f"{c:>22s}" for c in columns.values())]
     for group, methods in summary.items():
         for name, figures in methods.items():
-            cells = "".join(f"{figures[c]['mean']:>14.3f} ({figures[c]['std_over_concepts']:.3f})" for c in columns)
+            cells = "".join(f"{figures[c]['mean']:>14.3f} ({figures[c]['std']:.3f})" for c in columns)
             lines.append(f"{group + ': ' + name:62s}{cells}")
     return "\n".join(lines)
 
@@ -327,7 +340,7 @@ def draw_figure(concepts: list[dict], path: str, scale: int = 2) -> None:
     tile, label_width, gap = 32 * scale, 440, 4
     rows = []
     for concept in concepts:
-        rows.append((f"{concept['caption']}: training images", concept["references"], None))
+        rows.append((f"{concept['caption']} (seed {concept['seed']}): training images", concept["references"], None))
         rows.append(("floor: pretrained + caption", concept["floors"]["pretrained_with_caption"]["extracted"],
                      concept["floors"]["pretrained_with_caption"]["AS"]))
         for style, block in concept["styles"].items():

@@ -1,13 +1,12 @@
 """The proving ground end to end on a tiny world inside the real host: one concept of two images, both fine-tune styles,
-every method, caption recovery and the Table 7 rows; the same seeds give the same figures on a second run."""
+every method, caption recovery and the Table 7 rows; the same seeds give the same figures on a second run, which adds
+a second seed."""
 import dataclasses
 import importlib
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import proving_ground
@@ -37,10 +36,10 @@ def runs(host, tmp_path_factory):
                           for style, by_name in saved.items()}
     try:
         reports = []
-        for attempt in ("first", "again"):
+        for attempt, seeds in (("first", []), ("again", ["--seeds", "0,1"])):
             out = root / attempt
             proving_ground.main(["--world", str(root / "world"), "--images", str(images), "--concepts", "1",
-                                 "--n0", str(N0), "--steps", "2", "--out", str(out)])
+                                 "--n0", str(N0), "--steps", "2", "--out", str(out), *seeds])
             with open(out / "results.json") as handle:
                 reports.append((json.load(handle), out))
     finally:
@@ -82,11 +81,24 @@ def test_fine_tunes_record_their_memorisation_and_captions_are_read_back_from_th
     assert summary["lora"]["recovered_captions"] == [report["concepts"][0]["styles"]["lora"]["caption_recovery"]["caption"]]
 
 
-def test_the_same_seeds_give_the_same_figures(runs):
+def test_the_same_seeds_give_the_same_figures_and_a_second_seed_is_a_second_run(runs):
     (first, _), (again, _) = runs
-    assert again["seconds"]["fine_tunes"] < first["seconds"]["fine_tunes"]  # the second run reused the fine-tunes
-    strip = lambda report: json.dumps(  # noqa: E731
-        [{style: {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in block["methods"].items()}
-          for style, block in c["styles"].items()} for c in report["concepts"]], sort_keys=True)
-    assert strip(first) == strip(again)
-    assert first["fine_tunes_and_caption_recovery"] == again["fine_tunes_and_caption_recovery"]
+    assert [c["seed"] for c in first["concepts"]] == [0] and [c["seed"] for c in again["concepts"]] == [0, 1]
+    strip = lambda concept: json.dumps(  # noqa: E731
+        {style: {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in block["methods"].items()}
+         for style, block in concept["styles"].items()}, sort_keys=True)
+    assert strip(first["concepts"][0]) == strip(again["concepts"][0])
+    assert strip(again["concepts"][1]) != strip(again["concepts"][0])
+    for style in ("dreambooth", "lora"):  # seed 0's fine-tunes were reused, seed 1 trained its own
+        files = [c["styles"][style]["fine_tune"]["file"] for c in (first["concepts"][0], *again["concepts"])]
+        assert files[0] == files[1] != files[2]
+    # Every summary figure is the mean over the concept-seed pairs.
+    direct = [c["styles"]["dreambooth"]["methods"]["direct"]["AS"] for c in again["concepts"]]
+    assert again["summary"]["dreambooth"]["direct"]["AS"] == {"mean": round(float(np.mean(direct)), 4),
+                                                               "std": round(float(np.std(direct)), 4)}
+
+
+@pytest.mark.parametrize("text", ["0,0", "one", "0;1"])
+def test_seeds_that_are_not_distinct_integers_are_refused(text):
+    with pytest.raises(SystemExit):
+        proving_ground.parse_args(["--seeds", text])
