@@ -75,7 +75,7 @@ def memory_against_n(counts: list[int]) -> None:
 def overhead(candidates: int, steps: int) -> None:
     from bank_helpers import write_test_sscd
     from comfy_inprocess import load_host
-    from run_demo import write_demo_models
+    from demo_models import write_demo_models
 
     host = load_host()
     import importlib

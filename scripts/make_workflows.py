@@ -175,7 +175,7 @@ the paper finds FineXtract's clusters closer to the training images than either 
                   *attack("dreambooth", "direct", "_direct", "direct baseline")],
     },
     "finextract_recover_caption": {
-        "notes": [f"""FINEXTRACT WHEN THE TRAINING CAPTION IS UNKNOWN
+        "notes": ["""FINEXTRACT WHEN THE TRAINING CAPTION IS UNKNOWN
 The paper's Appendix A: Caption Inverter reads how the fine-tune changed the cross-attention key/value projections
 and searches the prompt those changes answer to most. Its caption feeds the 'Recovered caption' encoder, then the
 attack runs as in 'finextract_dreambooth'. It recovers words (a rare identifier such as 'sks', a subject), not the

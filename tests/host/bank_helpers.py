@@ -9,21 +9,21 @@ import torch
 from safetensors.torch import save_file
 
 from finextract_core.bank import CandidateBank
-from run_demo import attack_prompt, centred_random_sscd
+from demo_models import attack_prompt, centred_random_sscd
 
 SSCD_NAME = "sscd_test.safetensors"
 BANK_ID = "FineXtractCandidateBank"
 
 
 def write_test_sscd(folder: str) -> str:
-    """The demo's seeded, centred random SSCD (see run_demo.centred_random_sscd) as a file in ``folder``."""
+    """The demo's seeded, centred random SSCD (see demo_models.centred_random_sscd) as a file in ``folder``."""
     os.makedirs(folder, exist_ok=True)
     save_file(centred_random_sscd(), os.path.join(folder, SSCD_NAME))
     return SSCD_NAME
 
 
 def bank_prompt(folder: str, count: int, batch: int, steps: int, sscd_model: str = SSCD_NAME) -> dict:
-    """The demo LoRA attack (loaders and text encoders of run_demo) with the Candidate Bank in place of the sampler."""
+    """The demo LoRA attack (loaders and text encoders of demo_models.attack_prompt) with the Candidate Bank in place of the sampler."""
     prompt = attack_prompt(["lora", 0], "unused", guidance_scale=5.0, k=0.0, steps=steps)
     sample = prompt.pop("sample")["inputs"]
     del prompt["decode"], prompt["save"]

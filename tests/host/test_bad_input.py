@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 import tiny_models
 from bank_helpers import SSCD_NAME, bank_prompt, shard_count, write_test_sscd
 from comfy_server import ComfyServer, execution_error
-from run_demo import attack_prompt, write_demo_models
+from demo_models import attack_prompt, write_demo_models
 
 OTHER_SSCD = "sscd_other.safetensors"  # the same weights under another name: another model as far as anyone knows
 TRUNCATED_SSCD = "sscd_truncated.safetensors"

@@ -16,7 +16,7 @@ import torch
 
 from bank_helpers import SSCD_NAME, assert_same_bank, shard_count, write_test_sscd
 from finextract_core.bank import CandidateBank, merge_banks
-from run_demo import write_demo_models
+from demo_models import write_demo_models
 
 COUNT, STEPS = 4, 2
 # Rows of a different batch size go through the CPU's kernels in another order: equal to rounding, not bit for bit.

@@ -12,7 +12,7 @@ import pytest
 
 from bank_helpers import BANK_ID, assert_same_bank, bank_prompt, shard_count, write_test_sscd
 from comfy_server import ComfyServer, execution_error
-from run_demo import write_demo_models
+from demo_models import write_demo_models
 
 COUNT, BATCH, STEPS = 6, 2, 3
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from comfy_server import ComfyServer, execution_error, saved_images
-from run_demo import attack_prompt, write_demo_models
+from demo_models import attack_prompt, write_demo_models
 
 SAMPLER_ID = "FineXtractModelGuidanceSampler"
 GUIDER_ID = "FineXtractModelGuidanceGuider"

@@ -16,7 +16,8 @@ from PIL import Image
 
 from comfy_server import PACK_FOLDER, REPO_ROOT, ComfyServer, execution_error
 from make_workflows import SPECS, WORKFLOWS_DIR
-from run_demo import demo_prompt, report_folders, write_workflow_demo_models
+from demo_models import demo_prompt, write_workflow_demo_models
+from run_demo import report_folders
 from workflow_api import EDITOR_ONLY_TYPES, input_type, ordered_inputs, replace_inputs, ui_to_api
 
 WORKFLOW_NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{WORKFLOWS_DIR}/*.json"))
