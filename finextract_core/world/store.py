@@ -116,15 +116,10 @@ FINE_TUNE_METADATA_KEY = "finextract_fine_tune"
 
 
 def fine_tune_record(path: str) -> dict:
-    """What a fine-tune file says about itself: caption, style, settings and its training record (steps run,
-    memorisation; absent in files written before it was recorded)."""
+    """What a fine-tune file says about itself: caption, style, settings, world digest and its training record (steps
+    run, memorisation)."""
     with safe_open(path, "pt") as handle:
-        metadata = handle.metadata() or {}
-    if FINE_TUNE_METADATA_KEY in metadata:
-        return json.loads(metadata[FINE_TUNE_METADATA_KEY])
-    # Files written before the one-key form kept each field under its own key.
-    return {"caption": metadata.get("caption"), "style": metadata.get("style"),
-            "settings": json.loads(metadata.get("settings", "{}")), "record": json.loads(metadata.get("record", "{}"))}
+        return json.loads((handle.metadata() or {})[FINE_TUNE_METADATA_KEY])
 
 
 def build_or_load_fine_tune(world: World, images: np.ndarray, caption: str, settings: FineTuneSettings,
