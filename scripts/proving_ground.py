@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -206,7 +207,7 @@ class ProvingGround:
         encode = lambda caption: self.world_nodes.WorldTextEncode.execute(text_encoder, caption).args[0]  # noqa: E731
         empty = encode("")
         concepts, fine_tune_seconds = [], 0.0
-        for run_seed, (index, files) in ((s, c) for s in args.seeds for c in enumerate(paths)):
+        for run_seed, (index, files) in itertools.product(args.seeds, enumerate(paths)):
             caption = self.text.concept_caption(index)
             images = np.stack([self.data.load_image(p) for p in files])
             references = torch.from_numpy((images + 1) / 2)
@@ -225,8 +226,9 @@ class ProvingGround:
                 tuned = time.perf_counter()
                 path = self.store.build_or_load_fine_tune(world, images, caption, settings, seed=run_seed + index)
                 fine_tune_seconds += time.perf_counter() - tuned
+                described = self.store.fine_tune_record(path)
                 recovery = self.recover_caption(world, path, style, caption, seed)
-                LOG.info(f"  {style:10s} memorisation {self.store.fine_tune_record(path)['record'].get('memorisation')}"
+                LOG.info(f"  {style:10s} memorisation {described['record']['memorisation']}"
                          f", recovered caption {recovery['caption']!r} (keyword rank {recovery['keyword_rank']})")
                 fine_tuned = self.load_fine_tune(folder, pretrained, path, style)
                 prompts = {"true": positive, "recovered": encode(recovery["caption"]), "empty": empty}
@@ -239,8 +241,7 @@ class ProvingGround:
                     LOG.info(f"  {style:10s} {name:45s} AS {results[name]['AS']:.3f}  A-ESR0.6 "
                              f"{results[name]['A-ESR 0.6']:.2f}  A-ESR0.7 {results[name]['A-ESR 0.7']:.2f}  "
                              f"best-of-N AS {results[name]['best_of_all_candidates']['AS']:.3f}  ({seconds:.0f} s)")
-                concept["styles"][style] = {"fine_tune": {"file": os.path.relpath(path, folder),
-                                                          **self.store.fine_tune_record(path)},
+                concept["styles"][style] = {"fine_tune": {"file": os.path.relpath(path, folder), **described},
                                             "caption_recovery": recovery, "methods": results}
             concepts.append(concept)
         report = {
