@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from finextract_core.clip_text import FunctionalClipText, text_encoder_access  # noqa: E402
+from finextract_core.world.training import torch_threads  # noqa: E402
 from finextract_core.caption_inversion import (  # noqa: E402
     CaptionScorer,
     gather_cross_attention_projections,
@@ -111,23 +112,21 @@ def time_sd15_sized_inversion(timed_iterations: int, prompt_tokens: int, restart
 
 
 def ground_truth_recovery_rate(seeds: int) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the toy is tiny: one thread is faster and steadier on a shared CPU
-    top5 = in_best = 0
-    for seed in range(seeds):
-        started = time.perf_counter()
-        trial = run_ground_truth_trial(seed)
-        top5 += trial.distinctive_in_top5_single_tokens
-        in_best += trial.distinctive_in_best_caption
-        ranks = [trial.single_token_ranking.index(t) if t in trial.single_token_ranking else ">19" for t in trial.caption]
-        print(
-            f"seed {seed}: caption {trial.caption} single-token ranks {ranks} best caption {trial.best_caption} "
-            f"score {trial.best_caption_score:.3f} (true caption {trial.true_caption_score:.3f}) "
-            f"{time.perf_counter() - started:.1f} s"
-        )
-    if seeds:
-        print(f"distinctive token in top 5 single tokens: {top5}/{seeds}; in the best 3-token caption: {in_best}/{seeds}")
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # the toy is tiny: one thread is faster and steadier on a shared CPU
+        top5 = in_best = 0
+        for seed in range(seeds):
+            started = time.perf_counter()
+            trial = run_ground_truth_trial(seed)
+            top5 += trial.distinctive_in_top5_single_tokens
+            in_best += trial.distinctive_in_best_caption
+            ranks = [trial.single_token_ranking.index(t) if t in trial.single_token_ranking else ">19" for t in trial.caption]
+            print(
+                f"seed {seed}: caption {trial.caption} single-token ranks {ranks} best caption {trial.best_caption} "
+                f"score {trial.best_caption_score:.3f} (true caption {trial.true_caption_score:.3f}) "
+                f"{time.perf_counter() - started:.1f} s"
+            )
+        if seeds:
+            print(f"distinctive token in top 5 single tokens: {top5}/{seeds}; in the best 3-token caption: {in_best}/{seeds}")
 
 
 if __name__ == "__main__":

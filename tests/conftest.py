@@ -7,7 +7,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (REPO_ROOT, os.path.join(REPO_ROOT, "scripts")):
@@ -18,7 +17,7 @@ for path in (REPO_ROOT, os.path.join(REPO_ROOT, "scripts")):
 @pytest.fixture
 def one_torch_thread():
     """Tiny models run faster on one thread than on several that spin against each other on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from finextract_core.world.training import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -14,15 +14,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from finextract_core import sscd
 from finextract_core.embeddings import Embeddings
+from finextract_core.world.training import torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """On the shared 2-core machine, two intra-op threads per forward ran 30x slower than one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 class ReferenceGeM(nn.Module):
