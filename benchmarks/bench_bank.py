@@ -1,12 +1,12 @@
 """Candidate bank: peak memory against N, and the time the bank adds per candidate. Prints figures; asserts nothing.
 
-    python benchmarks/bench_bank.py [--counts 500 5000] [--overhead-candidates 12] [--steps 2]
+    python -m benchmarks.bench_bank [--counts 500 5000] [--overhead-candidates 12] [--steps 2]
 
 1. Peak RSS for each N, each in a fresh process: N small candidates (latents 4x8x8, 512-d embeddings, batches of 4)
    streamed through the bank exactly as the Candidate Bank node does (write each batch, then read all N embeddings
    back), with a synthetic generator in place of the models so that N = 5,000 runs in seconds. Memory should grow
    only by the N embeddings the bank returns (N x 512 x 4 bytes), not with N images or latents.
-2. Overhead: the Candidate Bank node on the real host with the demo models (64 px, LoRA, random SSCD): time per
+2. Overhead: the Candidate Bank node on the real host with the stand-in models (64 px, LoRA, random SSCD): time per
    candidate, and the part of it spent in the bank (open, shard writes with fsync, reading the embeddings back).
 """
 import argparse
@@ -18,9 +18,6 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(REPO_ROOT)
-sys.path.append(os.path.join(REPO_ROOT, "scripts"))
-sys.path.append(os.path.join(REPO_ROOT, "tests", "host"))
 LATENT_SHAPE, EMBEDDING_DIM = (4, 8, 8), 512
 LATENT_BYTES, EMBEDDING_BYTES = 4 * 4 * 8 * 8, 4 * EMBEDDING_DIM  # float32
 
@@ -58,8 +55,8 @@ def memory_against_n(counts: list[int]) -> None:
     peaks = []
     for count in counts:
         with tempfile.TemporaryDirectory() as folder:
-            out = subprocess.run([sys.executable, __file__, "--stream", str(count), folder], check=True,
-                                 capture_output=True, text=True).stdout.split()
+            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_bank", "--stream", str(count), folder],
+                                 check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout.split()
         _, before, peak, _ = out
         peaks.append(float(peak))
         embeddings_mib = count * EMBEDDING_BYTES / 2 ** 20
@@ -73,16 +70,14 @@ def memory_against_n(counts: list[int]) -> None:
 
 
 def overhead(candidates: int, steps: int) -> None:
-    from bank_helpers import write_test_sscd
-    from comfy_inprocess import load_host
-    from demo_models import write_demo_models
+    from fixtures.bank_helpers import write_test_sscd
+    from fixtures.stand_in_models import write_stand_in_models
+    from tools.host.comfy_inprocess import load_host
 
     host = load_host()
-    import importlib
-
-    bank_module = importlib.import_module(f"{host.pack_name}.finextract_core.bank")
+    bank_module = host.module("finextract_core.bank")
     work = tempfile.mkdtemp(prefix="bench-bank-")
-    write_demo_models(os.path.join(work, "models"))
+    write_stand_in_models(os.path.join(work, "models"))
     for sub in ("checkpoints", "loras"):
         host.folder_paths.add_model_folder_path(sub, os.path.join(work, "models", sub))
     host.folder_paths.add_model_folder_path("sscd", os.path.join(work, "sscd"))

@@ -1,6 +1,6 @@
 """Caption inversion: seconds per inversion at SD 1.x size on this CPU, and the ground-truth recovery rate over seeds.
 
-Run from the repository root: ``.host/venv/bin/python benchmarks/bench_caption_inversion.py [--seeds 10]``.
+Run from the repository root: ``.host/venv/bin/python -m benchmarks.bench_caption_inversion [--seeds 10]``.
 
 Timing: a random-weight CLIP-L text encoder (transformers CLIPTextModel, vocabulary 49408, width 768, 12 layers, no
 download) and SD-1.5-shaped attn2 to_k / to_v weights (16 cross-attention layers, 768 -> 320 / 640 / 1280). The search
@@ -9,29 +9,25 @@ encoding only the ``L + 2`` positions the score reads (the core's contract) and 
 encoder that always runs its full context length, such as ComfyUI's, costs). Then through the pack's functional CLIP
 (finextract_core/clip_text.py, what the Caption Inverter node runs) built from the same weights, as the node uses it.
 
-Recovery rate: the ground-truth trial of tests/core/test_caption_inversion.py over more seeds than the test runs.
+Recovery rate: the ground-truth trial (fixtures/caption_trials.py) over more seeds than the test runs.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from finextract_core.clip_text import FunctionalClipText, text_encoder_access  # noqa: E402
-from finextract_core.world.training import torch_threads  # noqa: E402
-from finextract_core.caption_inversion import (  # noqa: E402
+from finextract_core.caption_inversion import (
     CaptionScorer,
     gather_cross_attention_projections,
     mean_context_rows,
     search_hard_prompt,
 )
-from tests.core.test_caption_inversion import clip_access, clip_from_input_embeddings, run_ground_truth_trial  # noqa: E402
+from finextract_core.clip_text import FunctionalClipText, text_encoder_access
+from finextract_core.threads import torch_threads
+from fixtures.caption_trials import clip_access, clip_from_input_embeddings, run_ground_truth_trial
 
 SD15_CROSS_ATTENTION_WIDTHS = {
     "input_blocks.1.1": 320, "input_blocks.2.1": 320, "input_blocks.4.1": 640, "input_blocks.5.1": 640,

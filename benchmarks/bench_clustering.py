@@ -2,35 +2,17 @@
 plain re-implementation of the paper's procedure (networkx.find_cliques, remove the largest clique, +0.01 steps,
 30 s per threshold, a timed-out threshold is skipped). Prints figures; asserts nothing about time.
 
-    python benchmarks/bench_clustering.py [--naive-total-cap 120] [--sizes 5 10 30 138]
+    python -m benchmarks.bench_clustering [--naive-total-cap 120] [--sizes 5 10 30 138]
 """
 import argparse
 import os
-import sys
 import time
 
 import networkx as nx
 import numpy as np
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from finextract_core.clustering import METHODS, SIMILARITY_SCALE, cluster_candidates  # noqa: E402
-
-
-def planted(n_groups, per_group=50, dim=512, noise_fraction=0.1, spread=0.6, seed=0):
-    """N0 groups around random centres (within-group similarity ~0.73) with 10% unrelated candidates."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_groups, dim))
-    n = n_groups * per_group
-    n_noise = int(n * noise_fraction)
-    labels = np.arange(n - n_noise) % n_groups
-    members = centres[labels] / np.sqrt(dim) + spread * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
-    vectors = np.vstack([members, rng.standard_normal((n_noise, dim))])
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors, np.concatenate([labels, -np.ones(n_noise, dtype=int)])
-
-
-def recovered(centres, labels, n_groups):
-    return len({int(labels[c]) for c in centres if labels[c] >= 0}) == n_groups
+from finextract_core.clustering import METHODS, SIMILARITY_SCALE, cluster_candidates
+from fixtures.planted_embeddings import planted, recovered
 
 
 def naive_paper_procedure(vectors, n_clusters, per_threshold_cap, total_cap):

@@ -8,7 +8,7 @@ The CFG baseline is ComfyUI's own CFGGuider on the fine-tuned model (w' = 3), th
 while sampling, models included. Each (case, method) runs in a fresh worker process so its peak
 RSS is its own; the workers are interleaved over the repeats and the medians reported, with their ratios.
 
-    .host/venv/bin/python benchmarks/bench_guidance.py [--steps 8] [--batch 2] [--latent 16] [--repeats 3]
+    .host/venv/bin/python -m benchmarks.bench_guidance [--steps 8] [--batch 2] [--latent 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.append(os.path.join(os.path.dirname(HERE), "scripts"))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # SD 1.x-shaped, two levels: big enough (about 60 M parameters) that the weights, not the interpreter, set the memory.
 UNET = dict(
@@ -47,8 +46,8 @@ def reset_peak_memory() -> None:
 
 
 def build_models(folder: str) -> None:
-    import tiny_models
-    from comfy_inprocess import load_host
+    from fixtures import tiny_models
+    from tools.host.comfy_inprocess import load_host
 
     load_host()
     base = tiny_models.random_like(tiny_models.unet_shapes(UNET), seed=1)
@@ -59,7 +58,8 @@ def build_models(folder: str) -> None:
 
 def worker(case: str, method: str, folder: str, steps: int, batch: int, latent: int) -> dict:
     import torch
-    from comfy_inprocess import load_host
+
+    from tools.host.comfy_inprocess import load_host
 
     host = load_host()
     import comfy.samplers
@@ -83,12 +83,12 @@ def worker(case: str, method: str, folder: str, steps: int, batch: int, latent: 
         guider.set_conds(caption, empty)
         guider.set_cfg(3.0)
     else:
-        guider = host.guider.build_guider(fine_tuned, base, caption, empty, "finextract", **CASES[case])
+        guider = host.module("nodes.guider").build_guider(fine_tuned, base, caption, empty, "finextract", **CASES[case])
     latent_batch = {"samples": torch.zeros(batch, 4, latent, latent)}
 
     def timed_run(n: int) -> float:
         start = time.perf_counter()
-        host.guidance_nodes.sample_with_guider(guider, latent_batch, seed=0, steps=n, sampler_name="ddim",
+        host.module("nodes.guidance").sample_with_guider(guider, latent_batch, seed=0, steps=n, sampler_name="ddim",
                                                scheduler="ddim_uniform", denoise=1.0)
         return time.perf_counter() - start
 
@@ -119,14 +119,16 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run([sys.executable, __file__, "--build", folder], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_guidance", "--build", folder], check=True,
+                       capture_output=True, cwd=REPO_ROOT)
         results = {(case, method): [] for case in CASES for method in ("cfg", "finextract")}
         for _ in range(opts.repeats):
             for case, method in results:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--worker", case, method, folder, "--steps", str(opts.steps),
-                     "--batch", str(opts.batch), "--latent", str(opts.latent)],
-                    capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True)
+                    [sys.executable, "-m", "benchmarks.bench_guidance", "--worker", case, method, folder,
+                     "--steps", str(opts.steps), "--batch", str(opts.batch), "--latent", str(opts.latent)],
+                    capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
+                    cwd=REPO_ROOT)
                 results[case, method].append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     print(f"batch {opts.batch}, latent {opts.latent}x{opts.latent}, {opts.steps} ddim steps, {opts.repeats} repeats "

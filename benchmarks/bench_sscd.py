@@ -1,17 +1,14 @@
 """SSCD throughput on CPU: images per second, batched vs one at a time (ResNet50 variant, random weights, the
 paper preset: 256 short side -> 224 crop). Prints figures; asserts nothing.
 
-    python benchmarks/bench_sscd.py [--images 32] [--batch 16] [--threads 2]
+    python -m benchmarks.bench_sscd [--images 32] [--batch 16] [--threads 2]
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from finextract_core.sscd import RESNET50, SSCDModel, embed_images  # noqa: E402
+from finextract_core.sscd import RESNET50, SSCDModel, embed_images
 
 
 def main():

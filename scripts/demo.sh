@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: builds (or reuses) the ComfyUI host and the demo world, then extracts the world's fine-tuning photos
 # with the DreamBooth and LoRA example workflows through a real ComfyUI server.
-# Extra arguments go to scripts/run_demo.py (--out DIR, --n0 N, --steps N, --cache DIR; see --help).
+# Extra arguments go to lab/demo.py (--out DIR, --n0 N, --steps N, --cache DIR; see --help).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$ROOT/scripts/bootstrap_host.sh"
+bash "$ROOT/tools/host/bootstrap_host.sh"
 PY=$(sed -n 's/^FINEXTRACT_PYTHON=//p' "${FINEXTRACT_HOST_DIR:-$ROOT/.host}/host.env")
-exec "$PY" "$ROOT/scripts/run_demo.py" "$@"
+cd "$ROOT"
+exec "$PY" -m lab.demo "$@"

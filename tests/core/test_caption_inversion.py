@@ -1,35 +1,19 @@
 """Ground truth for caption inversion (issue 7): captions are trained into weights here, then read back out."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from finextract_core.caption_inversion import (
     IDENTICAL_MODELS_MESSAGE,
     NO_CROSS_ATTENTION_MESSAGE,
     CaptionScorer,
     TextEncoderAccess,
-    encode_single_token_prompts,
     gather_cross_attention_projections,
-    mean_context_rows,
     rank_single_tokens,
     search_hard_prompt,
 )
-
-TOY_VOCABULARY = 1000
-TOY_TEXT_DIM = 128
-TOY_LATENT_TOKENS = 16
-TOY_LATENT_CHANNELS = 4
-TOY_STREAM_WIDTH = 32
-TOY_ATTENTION_WIDTHS = (32, 64, 96, 64, 32)  # like SD's 320 / 640 / 1280 levels going down and up
-# A trained CLIP keeps a token's identity in its output row; HF's random init gives token and position embeddings
-# the same scale and lets position and attention mixing swamp it, so the toy encoder scales token embeddings up.
-TOY_TOKEN_EMBEDDING_SCALE = 6.0
-
+from fixtures.caption_trials import TOY_TEXT_DIM, TOY_VOCABULARY, run_ground_truth_trial
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -158,193 +142,6 @@ def test_mismatched_models_are_refused_and_only_text_projections_are_gathered():
     assert projections.keys == (key_k, key_v)
     assert projections.pretrained.shape == projections.finetuned.shape == (9, 3)
     assert torch.equal(projections.finetuned[4:], torch.ones(5, 3))
-
-
-# --- ground truth: fine-tune a small cross-attention denoiser on a known caption -------------------------------------
-
-
-class ToyCrossAttention(nn.Module):
-    """SD's attn2: queries from the latent, keys and values from the text context."""
-
-    def __init__(self, stream_width: int, attention_width: int, heads: int = 2):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(stream_width, attention_width, bias=False)
-        self.to_k = nn.Linear(TOY_TEXT_DIM, attention_width, bias=False)
-        self.to_v = nn.Linear(TOY_TEXT_DIM, attention_width, bias=False)
-        self.to_out = nn.Linear(attention_width, stream_width)
-
-    def forward(self, latent: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        def split_heads(tensor):
-            return tensor.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-        attended = nn.functional.scaled_dot_product_attention(
-            split_heads(self.to_q(latent)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        )
-        return self.to_out(attended.transpose(1, 2).flatten(-2))
-
-
-class ToyTransformerBlock(nn.Module):
-    def __init__(self, attention_width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(TOY_STREAM_WIDTH)
-        self.attn2 = ToyCrossAttention(TOY_STREAM_WIDTH, attention_width)
-        self.ff = nn.Sequential(nn.LayerNorm(TOY_STREAM_WIDTH), nn.Linear(TOY_STREAM_WIDTH, 64), nn.GELU(), nn.Linear(64, TOY_STREAM_WIDTH))
-
-    def forward(self, latent, context):
-        latent = latent + self.attn2(self.norm(latent), context)
-        return latent + self.ff(latent)
-
-
-class ToyDenoiser(nn.Module):
-    """Predicts the noise of a noisy latent from the caption's context rows, through cross-attention only."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj_in = nn.Linear(TOY_LATENT_CHANNELS + 1, TOY_STREAM_WIDTH)
-        self.position = nn.Parameter(torch.randn(TOY_LATENT_TOKENS, TOY_STREAM_WIDTH) * 0.1)
-        self.transformer_blocks = nn.ModuleList(ToyTransformerBlock(width) for width in TOY_ATTENTION_WIDTHS)
-        self.proj_out = nn.Linear(TOY_STREAM_WIDTH, TOY_LATENT_CHANNELS)
-
-    def forward(self, noisy, noise_level, context):
-        level = noise_level[:, None, None].expand(-1, noisy.shape[1], 1)
-        latent = self.proj_in(torch.cat([noisy, level], dim=-1)) + self.position
-        for block in self.transformer_blocks:
-            latent = block(latent, context)
-        return self.proj_out(latent)
-
-
-def clip_from_input_embeddings(model: CLIPTextModel, embeddings: torch.Tensor) -> torch.Tensor:
-    """``model``'s last hidden state from input token embeddings (its forward takes only ids in transformers 5)."""
-    hidden = embeddings + model.embeddings.position_embedding.weight[: embeddings.shape[1]]
-    return model.final_layer_norm(model.encoder(inputs_embeds=hidden, is_causal=True).last_hidden_state)
-
-
-def clip_access(model: CLIPTextModel) -> TextEncoderAccess:
-    return TextEncoderAccess(
-        token_embeddings=model.get_input_embeddings().weight,
-        encode_embeddings=lambda embeddings: clip_from_input_embeddings(model, embeddings),
-        start_token_id=model.config.bos_token_id,
-        end_token_id=model.config.eos_token_id,
-    )
-
-
-def toy_text_encoder() -> tuple[CLIPTextModel, TextEncoderAccess]:
-    """A real CLIP text transformer (random weights), small; the last two ids are its start and end tokens."""
-    config = CLIPTextConfig(
-        vocab_size=TOY_VOCABULARY,
-        hidden_size=TOY_TEXT_DIM,
-        intermediate_size=4 * TOY_TEXT_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        bos_token_id=TOY_VOCABULARY - 2,
-        eos_token_id=TOY_VOCABULARY - 1,
-        pad_token_id=TOY_VOCABULARY - 1,
-    )
-    model = CLIPTextModel(config).eval().requires_grad_(False)
-    model.get_input_embeddings().weight.mul_(TOY_TOKEN_EMBEDDING_SCALE)
-    return model, clip_access(model)
-
-
-def caption_context(model: CLIPTextModel, access: TextEncoderAccess, caption: list[int], context_length: int = 16):
-    """The context the denoiser is trained with: start, caption, end, padded with end tokens as SD 1.x does."""
-    ids = [access.start_token_id, *caption] + [access.end_token_id] * (context_length - len(caption) - 1)
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).last_hidden_state
-
-
-def fine_tune_cross_attention_text_projections(
-    denoiser: ToyDenoiser, context: torch.Tensor, images: torch.Tensor, generator, steps: int, learning_rate: float
-):
-    """DreamBooth-like: Adam on the denoising loss of ``images`` captioned with ``context``, only attn2.to_k/to_v."""
-    denoiser.requires_grad_(False)
-    trained = [p for name, p in denoiser.named_parameters() if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
-    for parameter in trained:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(trained, lr=learning_rate)
-    batch = 8
-    for _ in range(steps):
-        clean = images[torch.randint(len(images), (batch,), generator=generator)]
-        noise = torch.randn(clean.shape, generator=generator)
-        signal_level = torch.rand(batch, generator=generator)
-        noisy = signal_level.sqrt()[:, None, None] * clean + (1 - signal_level).sqrt()[:, None, None] * noise
-        predicted = denoiser(noisy, 1 - signal_level, context.expand(batch, -1, -1))
-        loss = (predicted - noise).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-@dataclass(frozen=True)
-class GroundTruthTrial:
-    caption: tuple[int, ...]
-    single_token_ranking: tuple[int, ...]
-    best_caption: tuple[int, ...]
-    best_caption_score: float
-    true_caption_score: float
-
-    @property
-    def distinctive_token(self) -> int:
-        return self.caption[0]
-
-    @property
-    def distinctive_in_top5_single_tokens(self) -> bool:
-        return self.distinctive_token in self.single_token_ranking[:5]
-
-    @property
-    def distinctive_in_best_caption(self) -> bool:
-        return self.distinctive_token in self.best_caption
-
-
-def run_ground_truth_trial(
-    seed: int,
-    caption_tokens: int = 2,
-    fine_tune_steps: int = 120,
-    fine_tune_learning_rate: float = 1e-3,
-    rank: int | None = None,
-    prompt_tokens: int = 3,
-    iterations: int = 200,
-    restarts: int = 8,
-) -> GroundTruthTrial:
-    """Fine-tune a toy denoiser's text projections on a known caption and invert the caption from the weights.
-
-    The caption is random tokens; its first one is the distinctive identifier, as in "sks style" (the fine-tune
-    caption of the project's proving ground).
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model, access = toy_text_encoder()
-        pretrained = ToyDenoiser()
-    generator = torch.Generator().manual_seed(seed)
-    candidates = access.candidate_token_ids()
-    caption = tuple(candidates[torch.randperm(len(candidates), generator=generator)[:caption_tokens]].tolist())
-    images = torch.randn(4, TOY_LATENT_TOKENS, TOY_LATENT_CHANNELS, generator=generator)
-
-    finetuned = ToyDenoiser()
-    finetuned.load_state_dict(pretrained.state_dict())
-    fine_tune_cross_attention_text_projections(
-        finetuned, caption_context(model, access, list(caption)), images, generator, fine_tune_steps, fine_tune_learning_rate
-    )
-
-    scorer = CaptionScorer(
-        gather_cross_attention_projections(pretrained.state_dict(), finetuned.state_dict()),
-        rank=rank,
-        shared_directions=mean_context_rows(access, (1, prompt_tokens), seed=seed),
-    )
-    ranking = rank_single_tokens(scorer, encode_single_token_prompts(access, candidates), candidates, top_k=20)
-    search = search_hard_prompt(
-        scorer, access, prompt_tokens=prompt_tokens, iterations=iterations, restarts=restarts, seed=seed
-    )
-    with torch.no_grad():
-        true_caption_score = scorer.score_sequence(access.encode_prompts(access.token_embeddings[torch.tensor([caption])]))
-    return GroundTruthTrial(
-        caption=caption,
-        single_token_ranking=tuple(candidate.token_ids[0] for candidate in ranking),
-        best_caption=search.best.token_ids,
-        best_caption_score=search.best.score,
-        true_caption_score=float(true_caption_score[0]),
-    )
 
 
 GROUND_TRUTH_TEST_SEEDS = range(10)

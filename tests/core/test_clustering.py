@@ -9,8 +9,8 @@ import pytest
 
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from benchmarks.bench_clustering import planted as benchmark_planted
-from benchmarks.bench_clustering import recovered
+from fixtures.planted_embeddings import planted as benchmark_planted
+from fixtures.planted_embeddings import recovered
 from finextract_core import clustering
 from finextract_core.clustering import (METHODS, SIMILARITY_SCALE, WorkBudgetExceeded, cluster_candidates,
                                         greedy_clique_partition, quantised_similarities)

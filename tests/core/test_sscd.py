@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from finextract_core import sscd
 from finextract_core.embeddings import Embeddings
-from finextract_core.world.training import torch_threads
+from finextract_core.threads import torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import tiny_models
-from bank_helpers import SSCD_NAME, bank_prompt, shard_count, write_test_sscd
-from comfy_server import ComfyServer, execution_error
-from demo_models import attack_prompt, write_demo_models
+from fixtures import tiny_models
+from fixtures.bank_helpers import SSCD_NAME, bank_prompt, shard_count, write_test_sscd
+from tools.host.comfy_server import ComfyServer, execution_error
+from fixtures.stand_in_models import attack_prompt, write_stand_in_models
 
 OTHER_SSCD = "sscd_other.safetensors"  # the same weights under another name: another model as far as anyone knows
 TRUNCATED_SSCD = "sscd_truncated.safetensors"
@@ -35,7 +35,7 @@ STRAY_LORA = "stray_lora.safetensors"
 
 
 def write_bad_files(models: str) -> None:
-    """Next to the demo models and the test SSCD: truncated copies, a file that is no safetensors at all, a copy of
+    """Next to the stand-in models and the test SSCD: truncated copies, a file that is no safetensors at all, a copy of
     the SSCD under another name, and a LoRA whose keys name no layer of the base."""
     sscd = os.path.join(models, "sscd")
     write_test_sscd(sscd)
@@ -57,7 +57,7 @@ def write_bad_files(models: str) -> None:
 def world(host, tmp_path_factory):
     base = tmp_path_factory.mktemp("bad-input")
     models = str(base / "models")
-    write_demo_models(models)
+    write_stand_in_models(models)
     write_bad_files(models)
     for sub in ("checkpoints", "loras", "diffusion_models", "sscd"):
         host.folder_paths.add_model_folder_path(sub, os.path.join(models, sub))
@@ -166,7 +166,7 @@ def test_nan_in_a_prediction_stops_the_bank_naming_the_step(world):
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):  # host: tiny_models builds shapes with ComfyUI's own modules
     base = str(tmp_path_factory.mktemp("bad-input-server"))
-    write_demo_models(f"{base}/models")
+    write_stand_in_models(f"{base}/models")
     write_bad_files(f"{base}/models")
     with ComfyServer(base) as running:
         yield running

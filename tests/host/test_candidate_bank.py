@@ -1,4 +1,4 @@
-"""The Candidate Bank and Decode Bank Candidates nodes in-process on the real host, with the demo models (a base
+"""The Candidate Bank and Decode Bank Candidates nodes in-process on the real host, with the stand-in models (a base
 checkpoint and a LoRA) and a random SSCD file: candidate i does not depend on the batch size, extending N keeps the
 first candidates, shards of index ranges merge into one run's bank, and bad input is answered with advice.
 
@@ -7,16 +7,18 @@ Resuming after ComfyUI's /interrupt and after a killed server is tested over HTT
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
 import pytest
 import torch
 
-from bank_helpers import SSCD_NAME, assert_same_bank, shard_count, write_test_sscd
-from finextract_core.bank import CandidateBank, merge_banks
-from demo_models import write_demo_models
+from fixtures.bank_helpers import SSCD_NAME, assert_same_bank, shard_count, write_test_sscd
+from fixtures.stand_in_models import write_stand_in_models
+from tools.host.comfy_inprocess import host_module
+
+bank_module = host_module("finextract_core.bank")
+CandidateBank, merge_banks = bank_module.CandidateBank, bank_module.merge_banks
 
 COUNT, STEPS = 4, 2
 # Rows of a different batch size go through the CPU's kernels in another order: equal to rounding, not bit for bit.
@@ -26,7 +28,7 @@ BATCH_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def setup(host, tmp_path_factory):
     base = tmp_path_factory.mktemp("bank")
-    write_demo_models(str(base / "models"))
+    write_stand_in_models(str(base / "models"))
     for sub in ("checkpoints", "loras"):
         host.folder_paths.add_model_folder_path(sub, str(base / "models" / sub))
     host.folder_paths.add_model_folder_path("sscd", str(base / "sscd"))
@@ -37,8 +39,6 @@ def setup(host, tmp_path_factory):
     encode = nodes["CLIPTextEncode"]()
     return {
         "nodes": nodes, "folder": base / "banks", "vae": vae,
-        # The pack's own copy of the module: its BankError is the class the nodes raise.
-        "BankError": importlib.import_module(f"{host.pack_name}.finextract_core.bank").BankError,
         "inputs": dict(fine_tuned=lora, pretrained=model, positive=encode.encode(clip, "sks style")[0],
                        negative=encode.encode(clip, "")[0], mode="finextract", guidance_scale=5.0, k=0.0,
                        latent_image=nodes["EmptyLatentImage"]().generate(64, 64, 1)[0], seed=7, steps=STEPS,
@@ -148,13 +148,13 @@ def test_bad_input_is_answered_with_advice(setup, reference):
     with pytest.raises(ValueError, match="preset"):
         nodes["FineXtractExtractionMetrics"].execute(images, other_preset, images, embeddings, 0.6, 0.7)
     # A folder holding a bank of other settings is refused, naming what differs.
-    with pytest.raises(setup["BankError"], match=r"other settings \(seed: 7 there, 8 now\)"):
+    with pytest.raises(bank_module.BankError, match=r"other settings \(seed: 7 there, 8 now\)"):
         make_bank(setup, "reference", seed=8)
-    with pytest.raises(setup["BankError"], match="other settings.*preset"):
+    with pytest.raises(bank_module.BankError, match="other settings.*preset"):
         make_bank(setup, "reference", preset="sscd")
     blocker = setup["folder"] / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(setup["BankError"], match="Cannot write the candidate bank.*Choose a bank_folder"):
+    with pytest.raises(bank_module.BankError, match="Cannot write the candidate bank.*Choose a bank_folder"):
         make_bank(setup, "a_file/bank")
     with pytest.raises(FileNotFoundError, match="models/sscd"):
         make_bank(setup, "no_sscd", sscd_model="(no SSCD file in models/sscd)")
@@ -167,14 +167,14 @@ def test_a_corrupt_or_foreign_shard_is_named(setup, reference):
     shard = sorted(name for name in os.listdir(folder) if name.startswith("candidates-"))[1]
     content = (folder / shard).read_bytes()
     (folder / shard).write_bytes(content[: len(content) // 2])  # a truncated copy
-    with pytest.raises(setup["BankError"], match=f"{shard} is unreadable.*Delete that file"):
+    with pytest.raises(bank_module.BankError, match=f"{shard} is unreadable.*Delete that file"):
         make_bank(setup, "corrupt", **corrupt)
     (folder / shard).unlink()
     make_bank(setup, "corrupt", **corrupt)  # only the deleted candidate is made again
     assert shard_count(str(folder)) == 2
     foreign = sorted(name for name in os.listdir(reference[0]) if name.startswith("candidates-"))[0]
     (folder / "candidates-00000099-0004.safetensors").write_bytes((setup["folder"] / "reference" / foreign).read_bytes())
-    with pytest.raises(setup["BankError"], match="belongs to another bank"):
+    with pytest.raises(bank_module.BankError, match="belongs to another bank"):
         make_bank(setup, "corrupt", **corrupt)
 
 

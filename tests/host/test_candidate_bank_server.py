@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from bank_helpers import BANK_ID, assert_same_bank, bank_prompt, shard_count, write_test_sscd
-from comfy_server import ComfyServer, execution_error
-from demo_models import write_demo_models
+from fixtures.bank_helpers import BANK_ID, assert_same_bank, bank_prompt, shard_count, write_test_sscd
+from tools.host.comfy_server import ComfyServer, execution_error
+from fixtures.stand_in_models import write_stand_in_models
 
 COUNT, BATCH, STEPS = 6, 2, 3
 
@@ -20,7 +20,7 @@ COUNT, BATCH, STEPS = 6, 2, 3
 @pytest.fixture(scope="module")
 def base(host, tmp_path_factory):  # host: tiny_models builds shapes with ComfyUI's own modules
     folder = str(tmp_path_factory.mktemp("bank-server"))
-    write_demo_models(f"{folder}/models")
+    write_stand_in_models(f"{folder}/models")
     write_test_sscd(f"{folder}/models/sscd")
     return folder
 

@@ -11,13 +11,12 @@ at the last layer and with clip skip (CLIPSetLastLayer).
 
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny_models
+from fixtures import tiny_models
 
 CAPTION = "a sks dog"
 DISTINCTIVE = "sks"
@@ -98,14 +97,14 @@ def setup(host, tmp_path_factory):
     save_file(lora, str(folder / "loras" / "caption_lora.safetensors"))
     with_lora = nodes["LoraLoaderModelOnly"]().load_lora_model_only(model, "caption_lora.safetensors", 1.0)[0]
 
-    token_texts = importlib.import_module(f"{host.pack_name}.nodes.captions")._token_texts(clip)
+    token_texts = host.module("nodes.captions")._token_texts(clip)
     whole_words = sorted(text[:-4] for text in token_texts.values() if text[:-4].isalpha() and text.endswith("</w>")
                          and text[:-4].islower() and text[:-4] not in CAPTION.split())
     generator = torch.Generator().manual_seed(0)
     distractors = [whole_words[i] for i in torch.randperm(len(whole_words), generator=generator)[:DISTRACTORS]]
     return dict(nodes=nodes, host=host, model=model, clip=clip, dreambooth=dreambooth, with_lora=with_lora,
                 lora=lora, base=base, search_words=" ".join([*CAPTION.split(), *distractors]),
-                captions=importlib.import_module(f"{host.pack_name}.nodes.captions"))
+                captions=host.module("nodes.captions"))
 
 
 def invert(setup, fine_tuned, **changes):

@@ -1,4 +1,4 @@
-"""The main job (scripts/run_demo.py) end to end, in a reduced setting: a demo world built from scratch (few training
+"""The main job (lab/demo.py) end to end, in a reduced setting: a demo world built from scratch (few training
 steps), both example workflows on it through a real ComfyUI server, the audit reports scored against the fine-tuning
 photos; then a second run that takes the world from the cache and writes the same reports."""
 
@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_server import REPO_ROOT
-from finextract_core.world.similarity import highpass_embeddings
-from run_demo import REFERENCES, demo_world_spec
+from lab.demo import REFERENCES, demo_world_spec
+from lab.world.similarity import highpass_embeddings
+from tools.host.comfy_server import REPO_ROOT
 
 REDUCED = ["--n0", "2", "--steps", "2", "--pretraining-steps", "4", "--fine-tune-steps", "3"]
 FILES = ["extracted_00.png", "extracted_01.png", "report.html", "report.json", "summary.png"]
 
 
 def run_demo(out: str, cache: str) -> str:
-    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "run_demo.py"), "--out", out,
-                           "--cache", cache, *REDUCED], capture_output=True, text=True, timeout=900,
+    done = subprocess.run([sys.executable, "-m", "lab.demo", "--out", out, "--cache", cache, *REDUCED],
+                          capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout

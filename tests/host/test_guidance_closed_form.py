@@ -76,10 +76,10 @@ def test_model_guidance_at_inverse_lambda_samples_the_fine_tuning_points(host):
     points = fine_tuned.model.diffusion_model.points
     context = [[torch.zeros(1, 1, 8), {}]]  # any caption: the toy models ignore it
     latent = {"samples": torch.zeros(64, *LATENT)}
-    sample = host.guidance_nodes.sample_with_guider
+    sample = host.module("nodes.guidance").sample_with_guider
 
     def run(mode, scale, k=0.0):
-        guider = host.guider.build_guider(fine_tuned, pretrained, context, context, mode, scale, k)
+        guider = host.module("nodes.guider").build_guider(fine_tuned, pretrained, context, context, mode, scale, k)
         return sample(guider, latent, seed=3, steps=40, sampler_name="euler", scheduler="karras", denoise=1.0)["samples"]
 
     guided = {mode: landed_fraction(run(mode, 1 / LAMBDA), points) for mode in ("model_guidance", "finextract")}
@@ -97,14 +97,13 @@ def test_nan_prediction_stops_with_the_step_named(host):
     pretrained, fine_tuned = closed_form_model(0.0), closed_form_model(LAMBDA)
     fine_tuned.model.diffusion_model.points[0, 0, 0, 0] = float("nan")  # a corrupt weight in the fine-tune
     context = [[torch.zeros(1, 1, 8), {}]]
-    guider = host.guider.build_guider(fine_tuned, pretrained, context, context, "finextract", 3.0, -0.02)
+    guider = host.module("nodes.guider").build_guider(fine_tuned, pretrained, context, context, "finextract", 3.0, -0.02)
     with pytest.raises(FloatingPointError, match=r"NaN/inf at step 1 of 10 .* in ft_cond"):
-        host.guidance_nodes.sample_with_guider(guider, {"samples": torch.zeros(2, *LATENT)}, seed=0, steps=10,
+        host.module("nodes.guidance").sample_with_guider(guider, {"samples": torch.zeros(2, *LATENT)}, seed=0, steps=10,
                                                sampler_name="euler", scheduler="normal", denoise=1.0)
 
 
 def test_sampler_node_reports_its_settings(host):
-    import importlib
     import json
 
     sampler = host.nodes.NODE_CLASS_MAPPINGS["FineXtractModelGuidanceSampler"]
@@ -117,5 +116,5 @@ def test_sampler_node_reports_its_settings(host):
         "mode": "finextract", "guidance_scale": 4.0, "k": -0.02, "seed": 5, "steps": 6, "sampler": "euler",
         "scheduler": "karras", "denoise": 1.0, "candidates": 3, "latent_shape": list(LATENT),
         "model_family": "ToyConfig (BaseModel, latent LatentFormat)", "fine_tune": "separate checkpoints",
-        "pack_version": importlib.import_module(f"{host.pack_name}.finextract_core").__version__,
+        "pack_version": host.module("finextract_core").__version__,
     }

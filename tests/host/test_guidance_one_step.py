@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_models
+from fixtures import tiny_models
 
 W, K = 3.0, -0.02
 MODES = ["finextract", "model_guidance", "cfg", "direct"]
@@ -124,7 +124,7 @@ def test_guider_step_equals_paper_equations(host, tmp_path, family):
         effect = (d_ft_c - alone(base, caption, noise, sigma)).abs().max().item()
         assert effect > 1e-3 * d_ft_c.abs().max().item(), f"{case}: the fine-tune barely changes the model"
         for mode in MODES:
-            guider = host.guider.build_guider(fine_tuned, base, caption, empty, mode, W, K)
+            guider = host.module("nodes.guider").build_guider(fine_tuned, base, caption, empty, mode, W, K)
             x, guided = one_step(guider, noise, sigma)
             expected = paper_equation(mode, x, sigma, d_ft_c, d_ft_0, d_pre_0)
             assert_matches(guided, expected, f"{family} {case} {mode}")
@@ -138,8 +138,8 @@ def test_pairing_errors_say_what_to_do(host, tmp_path):
     base, dreambooth, with_lora, _ = sd15_pairs(host, tmp_path)
     sdxl, _ = tiny_models.sdxl_patcher(seed=21)
     empty = conditioning(768, 6)
-    build = host.guider.build_guider
-    error = host.guider.ModelPairError
+    build = host.module("nodes.guider").build_guider
+    error = host.module("nodes.guider").ModelPairError
 
     with pytest.raises(error, match="same MODEL is connected to both"):
         build(base, base, empty, empty, "finextract", W, K)

@@ -2,18 +2,17 @@
 every method, caption recovery and the Table 7 rows; the same seeds give the same figures on a second run, which adds
 a second seed."""
 import dataclasses
-import importlib
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import proving_ground
-from finextract_core.world import store
-from finextract_core.world.text import TextConfig, tokenize
-from finextract_core.world.training import PretrainSettings
-from finextract_core.world.unet import UNetConfig
+from lab import proving_ground
+from lab.world import store, training
+from lab.world.text import TextConfig, tokenize
+from lab.world.training import PretrainSettings
+from lab.world.unet import UNetConfig
 
 TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
                        text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
@@ -30,7 +29,6 @@ def runs(host, tmp_path_factory):
         pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / f"{index}.png")
     # Short caps keep the test quick; the rule (train to a memorisation target) is the one the defaults use.
-    training = importlib.import_module(f"{host.pack_name}.finextract_core.world.training")
     saved = training.STRENGTHS
     training.STRENGTHS = {style: {name: dataclasses.replace(settings, steps=50) for name, settings in by_name.items()}
                           for style, by_name in saved.items()}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from comfy_server import ComfyServer, execution_error, saved_images
-from demo_models import attack_prompt, write_demo_models
+from tools.host.comfy_server import ComfyServer, execution_error, saved_images
+from fixtures.stand_in_models import attack_prompt, write_stand_in_models
 
 SAMPLER_ID = "FineXtractModelGuidanceSampler"
 GUIDER_ID = "FineXtractModelGuidanceGuider"
@@ -16,7 +16,7 @@ GUIDER_ID = "FineXtractModelGuidanceGuider"
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):  # host: tiny_models builds shapes with ComfyUI's own modules
     base = str(tmp_path_factory.mktemp("comfy-base"))
-    write_demo_models(f"{base}/models")
+    write_stand_in_models(f"{base}/models")
     with ComfyServer(base) as running:
         yield running
 

@@ -1,7 +1,7 @@
 """SSCDEmbed -> CliqueCluster -> ExtractionMetrics as ComfyUI nodes, on planted candidates with a real weight file.
 
 The SSCD file is the demo's ResNet50 SSCD with seeded random weights (projection centred, see
-demo_models.centred_random_sscd) saved as safetensors in a folder registered under models/sscd; planted candidates are two unmistakable prototype images, each repeated with small
+stand_in_models.centred_random_sscd) saved as safetensors in a folder registered under models/sscd; planted candidates are two unmistakable prototype images, each repeated with small
 pixel noise, so the ground truth (which candidate belongs to which prototype) is known. How well the clustering
 separates harder cases is tested on planted vectors in tests/core; here the nodes' wiring is under test.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from demo_models import centred_random_sscd
+from fixtures.stand_in_models import centred_random_sscd
 
 N0, COPIES, SIZE = 2, 10, 64
 

@@ -1,5 +1,5 @@
 """The example workflows in workflows/: their node types and links agree with a real server's /object_info, ComfyUI
-serves them as the pack's templates, and each one, converted to API form with the small demo models swapped in,
+serves them as the pack's templates, and each one, converted to API form with the small stand-in models swapped in,
 runs on a real ComfyUI server and writes the audit report; a second run writes the same bytes."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_server import PACK_FOLDER, REPO_ROOT, ComfyServer, execution_error
-from make_workflows import SPECS, WORKFLOWS_DIR
-from demo_models import demo_prompt, write_workflow_demo_models
-from run_demo import report_folders
-from workflow_api import EDITOR_ONLY_TYPES, input_type, ordered_inputs, replace_inputs, ui_to_api
+from fixtures.stand_in_models import stand_in_prompt, write_workflow_stand_ins
+from lab.demo import report_folders
+from tools.host.comfy_server import PACK_FOLDER, REPO_ROOT, ComfyServer, execution_error
+from tools.workflows.make_workflows import SPECS, WORKFLOWS_DIR
+from tools.workflows.workflow_api import EDITOR_ONLY_TYPES, input_type, ordered_inputs, replace_inputs, ui_to_api
 
 WORKFLOW_NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{WORKFLOWS_DIR}/*.json"))
 SMALL_RUN = {"n0": 2, "candidates": 6, "steps": 2, "size": 64}
@@ -45,14 +45,14 @@ def write_reference_images(folder: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(host, tmp_path_factory):  # host: the demo models take their shapes from ComfyUI's own modules
+def server(host, tmp_path_factory):  # host: the stand-in models take their shapes from ComfyUI's own modules
     base = str(tmp_path_factory.mktemp("workflow-base"))
-    write_workflow_demo_models(f"{base}/models")
+    write_workflow_stand_ins(f"{base}/models")
     write_reference_images(f"{base}/input/references")
     os.makedirs(f"{base}/user/default", exist_ok=True)
     with open(f"{base}/user/default/comfy.settings.json", "w") as f:
         json.dump({"Comfy.TutorialCompleted": True}, f)  # no first-run template browser over the graph
-    with ComfyServer(base) as running:
+    with ComfyServer(base, lab=False) as running:  # the pack alone, as users install it
         yield running
 
 
@@ -61,8 +61,20 @@ def object_info(server):
     return server.get("/object_info")
 
 
+def test_a_host_without_the_lab_lists_the_packs_nodes_and_no_lab_node(host, object_info):
+    """What users get in their node list: every node of the pack's extension, and none of the lab's."""
+    from lab.nodes import NODES as LAB_NODES
+
+    product = asyncio.run(host.module("nodes").FineXtractExtension().get_node_list())
+    product_ids = {node.GET_SCHEMA().node_id for node in product}
+    listed = {name for name, info in object_info.items() if info["python_module"].startswith("custom_nodes.")}
+    assert listed == product_ids
+    assert not product_ids & {node.GET_SCHEMA().node_id for node in LAB_NODES}
+    assert not any(info["category"].startswith("FineXtract/world") for info in object_info.values())
+
+
 def test_committed_workflows_are_the_generated_ones():
-    assert WORKFLOW_NAMES == sorted(SPECS), "workflows/ and scripts/make_workflows.py disagree: run make_workflows.py"
+    assert WORKFLOW_NAMES == sorted(SPECS), "workflows/ and tools/workflows/make_workflows.py disagree: run make_workflows.py"
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
@@ -92,8 +104,8 @@ def test_workflows_are_served_as_the_packs_templates(server):
 
 
 def small_prompt(server, object_info, name: str) -> dict:
-    """The workflow in API form on the demo models, small enough to run in seconds on a CPU."""
-    prompt = demo_prompt(name, object_info, **SMALL_RUN)
+    """The workflow in API form on the stand-in models, small enough to run in seconds on a CPU."""
+    prompt = stand_in_prompt(name, object_info, **SMALL_RUN)
     for node in prompt.values():
         if node["class_type"] == "FineXtractCliqueCluster":
             node["inputs"]["min_clique_size"] = 1  # 6 candidates of a random model need not form two pairs
@@ -127,7 +139,7 @@ def test_workflow_runs_and_writes_the_audit_report(server, object_info, name):
         assert sorted(os.listdir(folder)) == ["extracted_00.png", "extracted_01.png", "report.html", "report.json",
                                               "summary.png"]
         assert report["clustering"]["n_candidates"] == SMALL_RUN["candidates"]
-        assert report["sampling"]["steps"] == SMALL_RUN["steps"] and report["embedder"]["model_id"] == "demo_sscd"
+        assert report["sampling"]["steps"] == SMALL_RUN["steps"] and report["embedder"]["model_id"] == "stand_in_sscd"
         for model in report["models"]:
             assert model["sha256"] == sha256(os.path.join(models, model["folder"], model["file"]))
         roles = sorted(model["role"] for model in report["models"])
@@ -228,11 +240,11 @@ async def browse_and_run(server, page, workflow: dict, prompt: dict, pack_nodes:
 
 
 def test_front_end_shows_the_results_in_headless_chromium(server, object_info):
-    from chromium_cdp import Chromium, find_chromium
+    from fixtures.chromium_cdp import Chromium, find_chromium
 
     executable = find_chromium()
     if executable is None:
-        pytest.skip("no Chromium: scripts/bootstrap_host.sh installs Debian's chromium package where it can")
+        pytest.skip("no Chromium: tools/host/bootstrap_host.sh installs Debian's chromium package where it can")
     name = "finextract_audit_my_images"
     workflow = load_workflow(name)
     prompt = small_prompt(server, object_info, name)
@@ -249,7 +261,7 @@ def test_front_end_shows_the_results_in_headless_chromium(server, object_info):
     assert [node for node, category in found["library"] if not (category or "").startswith("FineXtract")] == []
     assert len(found["loaded"]) == len(workflow["nodes"])
     assert [node for node in found["loaded"] if not node[2] or node[3]] == [], "missing or broken nodes after loading"
-    # The editor's own conversion of the loaded template agrees with scripts/workflow_api.py.
+    # The editor's own conversion of the loaded template agrees with tools/workflows/workflow_api.py.
     ours = {node_id: (node["class_type"], node["inputs"]) for node_id, node in ui_to_api(workflow, object_info).items()}
     assert {k: (v["class_type"], v["inputs"]) for k, v in found["frontend_prompt"].items()} == ours
     assert "FineXtract audit report" in found["report_html"]

@@ -1,16 +1,17 @@
 """The proving-ground world inside the real ComfyUI host: MODEL, LoRA through ComfyUI's loader, the guider on a pair."""
-import importlib
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from finextract_core.world import store
-from finextract_core.world.text import TextConfig, concept_caption
-from finextract_core.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names,
+from lab import nodes
+from lab.world import store
+from lab.world.similarity import highpass_embeddings
+from lab.world.text import TextConfig, concept_caption
+from lab.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names,
                                             merge_lora)
-from finextract_core.world.unet import UNetConfig
+from lab.world.unet import UNetConfig
 
 TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
                        text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
@@ -27,11 +28,6 @@ def world(host, tmp_path_factory):
     return built, paths
 
 
-@pytest.fixture(scope="module")
-def nodes(host):
-    return importlib.import_module(f"{host.pack_name}.nodes.world")
-
-
 def load(nodes, world, fine_tune=""):
     return nodes.WorldLoader.execute(world.folder, fine_tune).args
 
@@ -45,7 +41,7 @@ def comfy_eps(patcher, x, step, context):
     return (x_comfy - denoised) / sigma
 
 
-def test_world_loads_as_a_comfy_model_with_the_training_schedule(host, world, nodes):
+def test_world_loads_as_a_comfy_model_with_the_training_schedule(world):
     built, _ = world
     patcher, text_encoder = load(nodes, built)
     abar = TINY.schedule.alphas_cumprod()
@@ -54,10 +50,9 @@ def test_world_loads_as_a_comfy_model_with_the_training_schedule(host, world, no
     with torch.no_grad():
         expected = built.unet(x, torch.tensor([400.0, 400.0]), context)
         assert torch.allclose(comfy_eps(patcher, x, 400, context), expected, atol=1e-4)
-    assert "FineXtractWorldLoader" in host.nodes.NODE_CLASS_MAPPINGS
 
 
-def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(world, nodes):
+def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(world):
     import comfy.sd
     import comfy.utils
 
@@ -83,7 +78,7 @@ def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(worl
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))
-def test_the_guider_samples_a_world_pair(host, world, nodes, style):
+def test_the_guider_samples_a_world_pair(host, world, style):
     import comfy.sd
     import comfy.utils
 
@@ -96,17 +91,17 @@ def test_the_guider_samples_a_world_pair(host, world, nodes, style):
         fine_tuned = load(nodes, built, os.path.basename(paths["dreambooth"]))[0]
     positive = nodes.WorldTextEncode.execute(text_encoder, CAPTION).args[0]
     negative = nodes.WorldTextEncode.execute(text_encoder, "").args[0]
-    guider = host.guider.build_guider(fine_tuned, pretrained, positive, negative, "finextract", 3.0, -0.02)
+    guider = host.module("nodes.guider").build_guider(fine_tuned, pretrained, positive, negative, "finextract", 3.0,
+                                                      -0.02)
     assert guider.pair.shares_weights == (style == "lora")
     latent = {"samples": torch.zeros(3, 3, 32, 32)}
-    samples = host.guidance_nodes.sample_with_guider(guider, latent, 0, 3, "ddim", "ddim_uniform", 1.0)
+    samples = host.module("nodes.guidance").sample_with_guider(guider, latent, 0, 3, "ddim", "ddim_uniform", 1.0)
     images = nodes.WorldDecode.execute(samples).args[0]
     assert images.shape == (3, 32, 32, 3) and torch.isfinite(images).all()
 
 
-def test_world_embed_reads_comfy_images_channel_last(nodes):
+def test_world_embed_reads_comfy_images_channel_last():
     """IMAGE is (B, H, W, C); the descriptor works on (B, C, H, W): a transposed layout would mix rows and colours."""
-    from finextract_core.world.similarity import highpass_embeddings
 
     pictures = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     embedded = nodes.WorldEmbed.execute(pictures.movedim(1, -1)).args[0]

@@ -1,10 +1,10 @@
 """Proving ground (issue 4): in a small trained world, does model guidance extract the fine-tuning images, and by how much?
 
-    .host/venv/bin/python scripts/proving_ground.py [--images DIR] [--concepts 2] [--n0 5] [--seeds 0,1] [--out DIR]
+    .host/venv/bin/python -m lab.proving_ground [--images DIR] [--concepts 2] [--n0 5] [--seeds 0,1] [--out DIR]
 
 Builds or reuses the world (cache/world/<spec digest>: pretrained model + fine-tunes), fine-tunes every concept
 DreamBooth-style and with a LoRA, reads each fine-tune's caption back from its weights alone (Appendix A, through
-finextract_core/world/caption.py), then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
+lab/world/caption.py), then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
 own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
 pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Methods:
 direct, cfg and finextract with the true caption (the paper's Table 1), cfg and finextract with the recovered caption
@@ -25,18 +25,17 @@ sampling time); each extra seed or concept repeats its fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (gradients, textures, one captioned shape, clutter) with 4-word
 captions; a 0.4 M-parameter cross-attention UNet (SD layer names) and a small transformer text encoder, pretrained
-for 1,500 steps (finextract_core/world). What it can show: whether, in a real trained text-to-image model, guiding a
+for 1,500 steps (lab/world). What it can show: whether, in a real trained text-to-image model, guiding a
 fine-tune away from its base (Eq. 13, Eq. 6) makes memorised fine-tuning images likelier than direct sampling or CFG
 on the same seeds, measured with the pack's own sampler, clustering and metrics, and whether the caption can be read
 from the weights. What it cannot show: the paper's numbers. The base model is weak (it draws colour fields, not
 shapes), 32x32 leaves little detail for a descriptor, SSCD is replaced by high-pass pixel correlation (see
-finextract_core/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone barely
+lab/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone barely
 memorises here (see training.STRENGTHS), and a few concepts of N0 = 5 make A-ESR move in steps of 0.05.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import logging
@@ -89,21 +88,21 @@ def _seeds(text: str) -> list[int]:
 
 class ProvingGround:
     def __init__(self, args: argparse.Namespace):
-        from comfy_inprocess import load_host
+        from tools.host.comfy_inprocess import load_host
 
         self.args = args
         self.host = load_host(threads=args.threads)
-        pack = lambda name: importlib.import_module(f"{self.host.pack_name}.{name}")  # noqa: E731
-        self.world_nodes = pack("nodes.world")
-        self.store = pack("finextract_core.world.store")
-        self.data = pack("finextract_core.world.data")
-        self.text = pack("finextract_core.world.text")
-        self.caption = pack("finextract_core.world.caption")
-        self.training = pack("finextract_core.world.training")
-        self.similarity = pack("finextract_core.world.similarity")
-        self.clustering = pack("finextract_core.clustering")
-        self.metrics = pack("finextract_core.metrics")
-        self.guidance = self.host.core_guidance
+        # The lab reaches the pack through lab.product, so its modules are imported once the host has loaded the pack.
+        from . import nodes as world_nodes
+        from .product import pack_module
+        from .world import caption, data, similarity, store, text, training
+
+        self.world_nodes, self.store, self.data, self.text = world_nodes, store, data, text
+        self.caption, self.training, self.similarity = caption, training, similarity
+        self.clustering = pack_module("finextract_core.clustering")
+        self.metrics = pack_module("finextract_core.metrics")
+        self.guidance = pack_module("finextract_core.guidance")
+        self.guider, self.guidance_nodes = pack_module("nodes.guider"), pack_module("nodes.guidance")
         self.n_candidates = CANDIDATES_PER_IMAGE * args.n0
 
     # ------------------------------------------------------------------------------------------------- sampling
@@ -111,7 +110,7 @@ class ProvingGround:
         """N candidates (N, 3, 32, 32) in [0, 1] and the seconds it took."""
         latent = {"samples": torch.zeros(self.n_candidates, 3, self.data.RESOLUTION, self.data.RESOLUTION)}
         started = time.perf_counter()
-        samples = self.host.guidance_nodes.sample_with_guider(guider, latent, seed, self.args.steps, self.args.sampler,
+        samples = self.guidance_nodes.sample_with_guider(guider, latent, seed, self.args.steps, self.args.sampler,
                                                                self.args.scheduler, 1.0)
         images = self.world_nodes.WorldDecode.execute(samples).args[0].movedim(-1, 1)
         return images, time.perf_counter() - started
@@ -234,7 +233,7 @@ class ProvingGround:
                 prompts = {"true": positive, "recovered": encode(recovery["caption"]), "empty": empty}
                 results = {}
                 for name, mode, scale, k, prompt in self.methods(style):
-                    guider = self.host.guider.build_guider(fine_tuned, pretrained, prompts[prompt], empty, mode, scale, k)
+                    guider = self.guider.build_guider(fine_tuned, pretrained, prompts[prompt], empty, mode, scale, k)
                     candidates, seconds = self.sample(guider, seed)
                     results[name] = {"mode": mode, "scale": scale, "k": k, "caption": prompt,
                                      "seconds": round(seconds, 1), **self.evaluate(candidates, references)}

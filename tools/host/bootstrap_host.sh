@@ -8,7 +8,7 @@
 # the base directory and the pack's own requirements are set up.
 # Idempotent: each step is skipped when its result is already there.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HOST=${FINEXTRACT_HOST_DIR:-$ROOT/.host}
 mkdir -p "$HOST"
 say() { echo "[bootstrap] $*"; }
@@ -26,7 +26,7 @@ else
     say "building the venv in $VENV (one time, a few minutes)"
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -r "$ROOT/scripts/host-requirements.txt"
+    "$PY" -m pip install -q -r "$(dirname "${BASH_SOURCE[0]}")/requirements.txt"
     touch "$VENV/.complete"
   fi
   if [ ! -f "$COMFY/.complete" ]; then

@@ -2,7 +2,7 @@
 ComfyUI server, extracting the world's fine-tuning images.
 
 1. Builds (once, then reuses from cache/demo_world/<spec digest>) a small demo world from the proving ground
-   (finextract_core/world): a 32x32 text-to-image diffusion model pretrained on procedural images, fine-tuned
+   (lab/world): a 32x32 text-to-image diffusion model pretrained on procedural images, fine-tuned
    DreamBooth-style and with a LoRA on N0 real photos from scikit-image's sample images, captioned "a sks photo".
 2. Starts ComfyUI headless on 127.0.0.1 and converts workflows/finextract_dreambooth.json and
    workflows/finextract_lora.json to API form, with the world's nodes swapped in: World Loader for the checkpoint
@@ -12,7 +12,7 @@ ComfyUI server, extracting the world's fine-tuning images.
 3. Queues both over the HTTP API (N = 50 x N0 candidates, the paper's w' and k) and copies each audit report
    (report.html, summary.png, the extracted images, report.json with the SHA-256 of every world file) to OUT/<case>/.
 
-    python scripts/run_demo.py [--out out/demo] [--n0 3] [--steps 20]
+    python -m lab.demo [--out out/demo] [--n0 3] [--steps 20]
 """
 
 from __future__ import annotations
@@ -29,17 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import make_workflows  # noqa: E402
-from comfy_server import REPO_ROOT, ComfyServer, execution_error  # noqa: E402
-from workflow_api import ui_to_api  # noqa: E402
+from tools.host.comfy_server import REPO_ROOT, ComfyServer, execution_error
+from tools.workflows import make_workflows
+from tools.workflows.workflow_api import ui_to_api
 
 if TYPE_CHECKING:
     import numpy as np
-
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)  # appended: the pack's nodes/ must never shadow ComfyUI's nodes module
 
 # ---------------------------------------------------------------------------------------------- the demo world
 PRETRAINING_STEPS = 300  # the proving ground's world takes 1,500; this one must build in a few minutes on 2 cores
@@ -57,8 +52,8 @@ class DemoWorld:
 
 
 def demo_world_spec(pretraining_steps: int):
-    from finextract_core.world.store import WorldSpec
-    from finextract_core.world.training import PretrainSettings
+    from .world.store import WorldSpec
+    from .world.training import PretrainSettings
 
     # One training thread: the demo's figures in the README were measured on the weights it gives.
     return WorldSpec(seed=0, pretraining=PretrainSettings(steps=pretraining_steps, threads=1))
@@ -70,7 +65,7 @@ def fine_tune_settings(steps: int | None) -> dict:
     ``steps`` lowers the cap (a quicker demo, or a test)."""
     from dataclasses import replace
 
-    from finextract_core.world.training import STRENGTHS
+    from .world.training import STRENGTHS
 
     saturated = {style: replace(STRENGTHS[style]["saturated"], threads=1) for style in ("dreambooth", "lora")}
     return {style: settings if steps is None else replace(settings, steps=min(steps, settings.steps))
@@ -82,8 +77,8 @@ def build_demo_world(cache: str, n0: int, pretraining_steps: int, fine_tune_step
     """The world and its two fine-tunes, built once (the same spec gives the same weights) and reused from
     ``cache/<spec digest>``."""
     import numpy as np
-    from finextract_core.world import data, store
-    from finextract_core.world.text import concept_caption
+    from .world import data, store
+    from .world.text import concept_caption
 
     spec = demo_world_spec(pretraining_steps)
     folder = os.path.join(cache, spec.digest())
@@ -130,7 +125,7 @@ def world_prompt(workflow: str, object_info: dict, demo: DemoWorld, files: dict[
                  n0: int, steps: int) -> dict:
     """An example workflow in API form on the demo world: the world's loader, text encoder, decoder and descriptor in
     place of the checkpoint loaders, CLIPTextEncode, VAEDecode and SSCD Embed, and metrics against the references."""
-    from finextract_core.world.data import RESOLUTION
+    from .world.data import RESOLUTION
 
     with open(os.path.join(make_workflows.WORKFLOWS_DIR, f"{workflow}.json")) as f:
         prompt = ui_to_api(json.load(f), object_info)

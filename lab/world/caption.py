@@ -23,11 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..caption_inversion import (CaptionScorer, TextEncoderAccess, gather_cross_attention_projections,
-                                 rank_single_tokens, search_hard_prompt)
+from ..product import pack_module
 from .text import CONTEXT_LENGTH, SPECIAL, VOCABULARY, TextEncoder
 from .unet import WorldUNet
 
+_inversion = pack_module("finextract_core.caption_inversion")
+CaptionScorer, TextEncoderAccess = _inversion.CaptionScorer, _inversion.TextEncoderAccess
+gather_cross_attention_projections = _inversion.gather_cross_attention_projections
+rank_single_tokens, search_hard_prompt = _inversion.rank_single_tokens, _inversion.search_hard_prompt
 PAD_ID, BOS_ID, EOS_ID = (VOCABULARY.index(t) for t in ("<pad>", "<bos>", "<eos>"))
 WORD_IDS = torch.tensor([i for i, token in enumerate(VOCABULARY) if token not in SPECIAL])
 

@@ -18,19 +18,20 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
-from comfy_api.latest import io
+from comfy_api.latest import ComfyExtension, io
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..finextract_core.world import similarity, store
-from ..finextract_core.world.schedule import Schedule
-from ..finextract_core.world.unet import UNetConfig, WorldUNet
-from .types import Embeddings
+from .product import REPO_ROOT, pack_module
+from .world import similarity, store
+from .world.schedule import Schedule
+from .world.unet import UNetConfig, WorldUNet
+
+Embeddings = pack_module("nodes.types").Embeddings
 
 CATEGORY = "FineXtract/world"
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The world's text encoder (finextract_core.world.text.TextEncoder), shared by the pretrained model and its fine-tunes.
+# The world's text encoder (lab.world.text.TextEncoder), shared by the pretrained model and its fine-tunes.
 WorldTextEncoder = io.Custom("FINEXTRACT_WORLD_TEXT")
 
 
@@ -70,8 +71,8 @@ def world_model(spec: store.WorldSpec, unet_weights: dict[str, torch.Tensor]) ->
 
 
 def resolve(path: str) -> str:
-    """An absolute path, or one relative to the pack folder (where out/ and cache/ live)."""
-    return path if os.path.isabs(path) else os.path.join(PACK_ROOT, path)
+    """An absolute path, or one relative to the repository (where out/ and cache/ live)."""
+    return path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
 
 
 def is_lora_file(path: str) -> bool:
@@ -86,12 +87,12 @@ class WorldLoader(io.ComfyNode):
             node_id="FineXtractWorldLoader",
             display_name="World Loader (FineXtract proving ground)",
             category=CATEGORY,
-            description="Loads a proving-ground world (built by scripts/proving_ground.py) as a MODEL: the pretrained "
+            description="Loads a proving-ground world (built by lab/proving_ground.py) as a MODEL: the pretrained "
                         "denoiser, or a DreamBooth-style fine-tune of it. Apply a LoRA fine-tune to the pretrained MODEL "
                         "with LoraLoaderModelOnly.",
             inputs=[
                 io.String.Input("world", default="cache/world", tooltip="The world folder (holding world.json), "
-                                "absolute or relative to the pack folder."),
+                                "absolute or relative to the repository."),
                 io.String.Input("fine_tune", default="", tooltip="Empty for the pretrained model, or a DreamBooth-style "
                                 "fine-tune (.safetensors; a name under the world's finetunes/ or a path)."),
             ],
@@ -165,3 +166,8 @@ class WorldEmbed(io.ComfyNode):
 
 
 NODES = [WorldLoader, WorldTextEncode, WorldDecode, WorldEmbed]
+
+
+class LabExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,6 +1,10 @@
 """Start a real ComfyUI server on 127.0.0.1, queue API-format workflows on it over HTTP, and stop it.
 
 Used by the end-to-end tests and the demo. Standard library only, so it runs under any Python.
+
+A server's base directory links the pack in as ``custom_nodes/finextract`` and, unless asked not to, the lab as
+``lab_nodes/finextract_lab``: a second custom-node folder (named in the base's extra_model_paths.yaml) that ComfyUI
+scans after the first, so the lab's nodes always find the pack already loaded.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import urllib.error
 import urllib.request
 import uuid
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_FOLDER = "finextract"
+LAB_FOLDER = "finextract_lab"
+LAB_NODES = "lab_nodes"  # the base directory's second custom_nodes folder, holding only the lab
+EXTRA_PATHS = "extra_model_paths.yaml"
 
 
 def read_host_env() -> dict[str, str]:
-    """The host written by scripts/bootstrap_host.sh, overridden by FINEXTRACT_* environment variables."""
+    """The host written by tools/host/bootstrap_host.sh, overridden by FINEXTRACT_* environment variables."""
     settings = {}
-    env_file = os.path.join(REPO_ROOT, ".host", "host.env")
+    env_file = os.path.join(os.environ.get("FINEXTRACT_HOST_DIR") or os.path.join(REPO_ROOT, ".host"), "host.env")
     if os.path.exists(env_file):
         with open(env_file) as f:
             settings.update(line.strip().split("=", 1) for line in f if "=" in line)
@@ -33,14 +40,25 @@ def read_host_env() -> dict[str, str]:
     return settings
 
 
-def prepare_base_directory(base: str) -> str:
-    """A ComfyUI --base-directory with this checkout linked in as custom_nodes/finextract."""
-    for sub in ("custom_nodes", "models/checkpoints", "models/diffusion_models", "models/loras", "input", "output",
-                "user"):
-        os.makedirs(os.path.join(base, sub), exist_ok=True)
-    link = os.path.join(base, "custom_nodes", PACK_FOLDER)
+def _link(target: str, link: str) -> None:
     if not os.path.islink(link) and not os.path.exists(link):
-        os.symlink(REPO_ROOT, link)
+        os.symlink(target, link)
+
+
+def prepare_base_directory(base: str, lab: bool = True) -> str:
+    """A ComfyUI --base-directory with this checkout linked in as custom_nodes/finextract, and the lab after it
+    (``lab=False``: the pack alone, as users have it)."""
+    for sub in ("custom_nodes", LAB_NODES, "models/checkpoints", "models/diffusion_models", "models/loras", "input",
+                "output", "user"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    _link(REPO_ROOT, os.path.join(base, "custom_nodes", PACK_FOLDER))
+    lab_link = os.path.join(base, LAB_NODES, LAB_FOLDER)
+    if lab:
+        _link(os.path.join(REPO_ROOT, "lab"), lab_link)
+    elif os.path.islink(lab_link):
+        os.remove(lab_link)
+    with open(os.path.join(base, EXTRA_PATHS), "w") as f:
+        f.write(f"finextract_lab:\n  base_path: {base}\n  custom_nodes: {LAB_NODES}\n")
     return base
 
 
@@ -65,13 +83,13 @@ def free_port() -> int:
 class ComfyServer:
     """``with ComfyServer(base) as server: server.run(prompt)``; the process is always stopped on exit."""
 
-    def __init__(self, base: str, log_path: str | None = None, ready_timeout: float = 180.0):
+    def __init__(self, base: str, log_path: str | None = None, ready_timeout: float = 180.0, lab: bool = True):
         settings = read_host_env()
         self.comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
         self.python = settings.get("FINEXTRACT_PYTHON", sys.executable)
         if not os.path.exists(os.path.join(self.comfy_root, "main.py")):
-            raise RuntimeError("No ComfyUI host: run scripts/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
-        self.base = prepare_base_directory(base)
+            raise RuntimeError("No ComfyUI host: run tools/host/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
+        self.base = prepare_base_directory(base, lab=lab)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(self.base, "comfyui.log")
@@ -84,7 +102,8 @@ class ComfyServer:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", self.base, "--database-url", "sqlite:///:memory:"],
+             "--disable-auto-launch", "--base-directory", self.base, "--database-url", "sqlite:///:memory:",
+             "--extra-model-paths-config", os.path.join(self.base, EXTRA_PATHS)],
             cwd=self.comfy_root, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:

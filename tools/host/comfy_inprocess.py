@@ -1,6 +1,9 @@
 """Import the real ComfyUI host into this process (on the CPU) with its built-in nodes and this pack registered.
 
-Used by the host tests and the benchmarks; the host comes from scripts/bootstrap_host.sh or FINEXTRACT_* variables.
+Used by the host tests, the benchmarks and the proving ground; the host comes from tools/host/bootstrap_host.sh or
+FINEXTRACT_* variables. ComfyUI's own custom-node loader imports the pack, and everything in the process reaches the
+pack's modules through ``module(name)``: one copy of the pack per process, found by its file rather than by the name
+ComfyUI gives it.
 """
 
 from __future__ import annotations
@@ -12,16 +15,19 @@ import os
 import sys
 import types
 
-from comfy_server import PACK_FOLDER, read_host_env
+from .comfy_server import PACK_FOLDER, read_host_env
 
 
 @functools.cache
 def load_host(threads: int = 1) -> types.SimpleNamespace:
     """Loads the host once per process; later calls return the same namespace."""
+    if "finextract_core" in sys.modules:
+        raise RuntimeError("finextract_core was imported as a top-level package before the host was loaded: load the "
+                           "host first, so the process holds only the pack's own copy of its core")
     settings = read_host_env()
     comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
     if not os.path.exists(os.path.join(comfy_root, "main.py")):
-        raise RuntimeError("No ComfyUI host: run scripts/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
+        raise RuntimeError("No ComfyUI host: run tools/host/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
     # One thread is steadier and no slower on these 2-core machines (see the notes on the host).
     import torch
     torch.set_num_threads(threads)
@@ -38,13 +44,18 @@ def load_host(threads: int = 1) -> types.SimpleNamespace:
     pack_path = os.path.join(folder_paths.get_folder_paths("custom_nodes")[0], PACK_FOLDER)
     if not asyncio.run(nodes.load_custom_node(pack_path)):
         raise RuntimeError(f"ComfyUI could not load the pack from {pack_path}; see the log above")
-    pack_name = pack_path.replace(".", "_x_")
+    entry_point = os.path.realpath(os.path.join(pack_path, "__init__.py"))
+    pack = next(module for module in list(sys.modules.values())
+                if os.path.realpath(getattr(module, "__file__", None) or "/") == entry_point)
     return types.SimpleNamespace(
         nodes=nodes,
         folder_paths=folder_paths,
         base=settings["FINEXTRACT_BASE"],
-        pack_name=pack_name,
-        guider=importlib.import_module(f"{pack_name}.nodes.guider"),
-        guidance_nodes=importlib.import_module(f"{pack_name}.nodes.guidance"),
-        core_guidance=importlib.import_module(f"{pack_name}.finextract_core.guidance"),
+        pack=pack,
+        module=lambda name: importlib.import_module(f"{pack.__name__}.{name}"),
     )
+
+
+def host_module(name: str) -> types.ModuleType:
+    """The pack's module ``name`` (``"finextract_core.bank"``, ``"nodes.guider"``) in the host of this process."""
+    return load_host().module(name)

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from finextract_core.world import store
-from finextract_core.world.caption import recover_caption, text_encoder_access
-from finextract_core.world.data import (default_image_paths, load_image, procedural_batch,
+from lab.world import store
+from lab.world.caption import recover_caption, text_encoder_access
+from lab.world.data import (default_image_paths, load_image, procedural_batch,
                                         split_concepts)
-from finextract_core.world.similarity import highpass_embeddings, pixel_embeddings
-from finextract_core.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
-from finextract_core.world.training import (MEMORISATION_CHECK_EVERY, FineTuneSettings, MemorisationProbe,
+from lab.world.similarity import highpass_embeddings, pixel_embeddings
+from lab.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
+from lab.world.training import (MEMORISATION_CHECK_EVERY, FineTuneSettings, MemorisationProbe,
                                             PretrainSettings, attention_projection_names, diffusion_loss, fine_tune,
                                             kohya_key, merge_lora)
-from finextract_core.world.unet import UNetConfig
+from lab.world.unet import UNetConfig
 
 TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
                        text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))

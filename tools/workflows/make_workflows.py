@@ -3,7 +3,7 @@
 Widget order, defaults, output slots and link types come from the /object_info of a real ComfyUI server started
 here, so the files open as graphs exactly as ComfyUI would have saved them. Run after changing a spec or a node:
 
-    .host/venv/bin/python scripts/make_workflows.py
+    .host/venv/bin/python -m tools.workflows.make_workflows
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from comfy_server import REPO_ROOT, ComfyServer  # noqa: E402
-from workflow_api import is_widget, ordered_inputs, widget_value_count  # noqa: E402
+from ..host.comfy_server import REPO_ROOT, ComfyServer
+from .workflow_api import is_widget, ordered_inputs, widget_value_count
 
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 SSCD_FILE = "sscd_disc_large.torchscript.pt"
@@ -295,7 +293,7 @@ def build_workflow(spec: dict, object_info: dict) -> dict:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory() as base, ComfyServer(base) as server:
+    with tempfile.TemporaryDirectory() as base, ComfyServer(base, lab=False) as server:
         object_info = server.get("/object_info")
     os.makedirs(WORKFLOWS_DIR, exist_ok=True)
     for name, spec in SPECS.items():

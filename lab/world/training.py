@@ -5,7 +5,6 @@ because the thread count changes how sums are split and so the weights' last bit
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -15,12 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..product import pack_module
 from .data import procedural_batch
 from .text import TextEncoder, tokenize
 from .schedule import Schedule
 from .unet import WorldUNet
 
 LOG = logging.getLogger("finextract.world")
+torch_threads = pack_module("finextract_core.threads").torch_threads
 
 
 def diffusion_loss(unet: WorldUNet, images: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -35,17 +36,6 @@ def diffusion_loss(unet: WorldUNet, images: torch.Tensor, context: torch.Tensor,
 
 def encode_captions(text_encoder: TextEncoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(torch.stack([tokenize(c) for c in captions]))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Runs the block with ``count`` torch CPU threads, then restores the caller's setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)

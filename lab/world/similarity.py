@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..embeddings import Embeddings
+from ..product import pack_module
+
+Embeddings = pack_module("finextract_core.embeddings").Embeddings
 
 HIGHPASS_SIGMA = 1.5
 PRESET = "world32"
