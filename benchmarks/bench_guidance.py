@@ -88,7 +88,7 @@ def worker(case: str, method: str, folder: str, steps: int, batch: int, latent: 
 
     def timed_run(n: int) -> float:
         start = time.perf_counter()
-        host.module("nodes.guidance").sample_with_guider(guider, latent_batch, seed=0, steps=n, sampler_name="ddim",
+        host.module("nodes.sampling").sample_with_guider(guider, latent_batch, seed=0, steps=n, sampler_name="ddim",
                                                scheduler="ddim_uniform", denoise=1.0)
         return time.perf_counter() - start
 

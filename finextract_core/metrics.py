@@ -1,4 +1,4 @@
-"""ExtractionMetrics: how close the extracted images are to reference (training) images.
+"""Extraction scores: how close the extracted images are to reference (training) images.
 
 For every reference image its best match is the extracted image of highest similarity.
 * AS (average similarity) = mean over reference images of that best similarity.
@@ -21,7 +21,7 @@ DEFAULT_ESR_THRESHOLDS = (0.6, 0.7)
 
 
 @dataclass(frozen=True)
-class ExtractionMetrics:
+class ExtractionScores:
     """Scores of one extraction against its references; index i of the per-reference tuples is reference image i."""
 
     average_similarity: float  # AS
@@ -59,7 +59,7 @@ class ExtractionMetrics:
 
 
 def metrics_from_similarity(similarity: np.ndarray, thresholds: Sequence[float] = DEFAULT_ESR_THRESHOLDS,
-                            model_id: str = "", preset: str = "") -> ExtractionMetrics:
+                            model_id: str = "", preset: str = "") -> ExtractionScores:
     """Metrics from a references x extracted similarity matrix (row i = reference image i)."""
     similarity = np.asarray(similarity, dtype=np.float64)
     if similarity.ndim != 2 or 0 in similarity.shape:
@@ -69,7 +69,7 @@ def metrics_from_similarity(similarity: np.ndarray, thresholds: Sequence[float] 
     best_match = np.argmax(similarity, axis=1)  # first maximum = smallest index on ties
     best_score = similarity[np.arange(similarity.shape[0]), best_match]
     rates = {float(t): float(np.mean(best_score > t)) for t in thresholds}
-    return ExtractionMetrics(
+    return ExtractionScores(
         average_similarity=float(best_score.mean()),
         extraction_success_rates=rates,
         best_match=tuple(int(i) for i in best_match),
@@ -80,7 +80,7 @@ def metrics_from_similarity(similarity: np.ndarray, thresholds: Sequence[float] 
 
 
 def extraction_metrics(references: Embeddings, extracted: Embeddings,
-                       thresholds: Sequence[float] = DEFAULT_ESR_THRESHOLDS) -> ExtractionMetrics:
+                       thresholds: Sequence[float] = DEFAULT_ESR_THRESHOLDS) -> ExtractionScores:
     """AS, A-ESR at ``thresholds`` and per-reference best matches; both inputs must share model and preset."""
     require_same_space(references, extracted, "reference", "extracted")
     return metrics_from_similarity(references.similarity(extracted), thresholds, references.model_id,

@@ -27,7 +27,7 @@ from .world import similarity, store
 from .world.schedule import Schedule
 from .world.unet import UNetConfig, WorldUNet
 
-Embeddings = pack_module("nodes.types").Embeddings
+EMBEDDINGS = pack_module("nodes.types").EMBEDDINGS
 
 CATEGORY = "FineXtract/world"
 
@@ -157,7 +157,7 @@ class WorldEmbed(io.ComfyNode):
                         "each image minus its Gaussian blur, centred and unit length, so a cosine similarity is the "
                         "correlation of two images' fine detail. Feeds Clique Cluster and Extraction Metrics as is.",
             inputs=[io.Image.Input("images", tooltip="Candidates, extracted images or reference images.")],
-            outputs=[Embeddings.Output(display_name="embeddings")],
+            outputs=[EMBEDDINGS.Output(display_name="embeddings")],
         )
 
     @classmethod

@@ -102,7 +102,7 @@ class ProvingGround:
         self.clustering = pack_module("finextract_core.clustering")
         self.metrics = pack_module("finextract_core.metrics")
         self.guidance = pack_module("finextract_core.guidance")
-        self.guider, self.guidance_nodes = pack_module("nodes.guider"), pack_module("nodes.guidance")
+        self.guider, self.guidance_nodes = pack_module("nodes.guider"), pack_module("nodes.sampling")
         self.n_candidates = CANDIDATES_PER_IMAGE * args.n0
 
     # ------------------------------------------------------------------------------------------------- sampling

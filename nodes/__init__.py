@@ -2,12 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import bank, captions, clustering, embedding, evaluation, guidance, report
+from . import bank, captions, clustering, embedding, evaluation, report, sampling
 
 
 class FineXtractExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*guidance.NODES, *bank.NODES, *embedding.NODES, *clustering.NODES, *evaluation.NODES, *report.NODES,
+        return [*sampling.NODES, *bank.NODES, *embedding.NODES, *clustering.NODES, *evaluation.NODES, *report.NODES,
                 *captions.NODES]
 
 

@@ -23,9 +23,9 @@ from comfy_api.latest import io
 from ..finextract_core import sscd
 from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, candidate_seed, fingerprint
 from .embedding import DOWNLOAD, NO_FILE, SSCD_FOLDER, load_sscd
-from .guidance import _guidance_inputs, sample_with_guider, sampling_inputs
+from .sampling import _guidance_inputs, sample_with_guider, sampling_inputs
 from .guider import build_guider
-from .types import Embeddings
+from .types import CANDIDATE_BANK, EMBEDDINGS
 
 LOG = logging.getLogger("finextract")
 CATEGORY = "FineXtract/sampling"
@@ -44,9 +44,6 @@ class BankRows:
 
     bank: CandidateBank
     candidates: tuple[int, ...]
-
-
-CandidateBankType = io.Custom("FINEXTRACT_CANDIDATE_BANK")
 
 
 def resolve_bank_folder(bank_folder: str) -> str:
@@ -96,10 +93,10 @@ class CandidateBankNode(io.ComfyNode):
                                 "one folder per setting: a folder that holds a bank of other settings is refused."),
             ],
             outputs=[
-                Embeddings.Output(display_name="embeddings",
+                EMBEDDINGS.Output(display_name="embeddings",
                                   tooltip="The embeddings of candidates first_candidate .. first_candidate + N - 1, "
                                   "row j = candidate first_candidate + j."),
-                CandidateBankType.Output(display_name="bank",
+                CANDIDATE_BANK.Output(display_name="bank",
                                          tooltip="The bank, for Decode Bank Candidates."),
             ],
         )
@@ -196,7 +193,7 @@ class DecodeBankCandidates(io.ComfyNode):
             description="Decodes only the chosen candidates of a bank (for example the extracted cluster centres) "
                         "into images.",
             inputs=[
-                CandidateBankType.Input("bank", tooltip="The Candidate Bank node's bank output."),
+                CANDIDATE_BANK.Input("bank", tooltip="The Candidate Bank node's bank output."),
                 io.Vae.Input("vae", tooltip="The VAE the bank was made with."),
                 io.String.Input("indices", multiline=True, default="0",
                                 tooltip="Which candidates: CliqueCluster's clusters_json (its centres), or positions "

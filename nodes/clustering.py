@@ -5,9 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..finextract_core import clustering
-from .bank import CandidateBankType, decode_candidates
+from .bank import decode_candidates
 from .embedding import require_images
-from .types import Embeddings
+from .types import CANDIDATE_BANK, EMBEDDINGS
 
 CATEGORY = "FineXtract/clustering"
 
@@ -22,7 +22,7 @@ class CliqueCluster(io.ComfyNode):
             description="Groups the candidates into N0 clusters of mutually similar images (threshold graph and "
                         "cliques, Sec. 4.3 of the paper) and returns each cluster's centre, biggest cluster first.",
             inputs=[
-                Embeddings.Input("embeddings", tooltip="The candidates' descriptors (SSCD Embed, or a Candidate Bank)."),
+                EMBEDDINGS.Input("embeddings", tooltip="The candidates' descriptors (SSCD Embed, or a Candidate Bank)."),
                 io.Int.Input("n0", default=10, min=1, max=100000,
                              tooltip="N0: how many training images to extract (the fine-tuning set's size)."),
                 io.Combo.Input("method", options=list(clustering.METHODS), default=clustering.METHODS[0],
@@ -34,13 +34,13 @@ class CliqueCluster(io.ComfyNode):
                 io.Image.Input("candidates", optional=True,
                                tooltip="The N candidate images, in the order of the embeddings. Leave empty when "
                                "the embeddings come from a Candidate Bank: connect its bank and VAE instead."),
-                CandidateBankType.Input("bank", optional=True, tooltip="A Candidate Bank whose embeddings these are: "
+                CANDIDATE_BANK.Input("bank", optional=True, tooltip="A Candidate Bank whose embeddings these are: "
                                         "only the N0 extracted candidates are decoded."),
                 io.Vae.Input("vae", optional=True, tooltip="The VAE to decode the bank's extracted candidates with."),
             ],
             outputs=[
                 io.Image.Output(display_name="extracted"),
-                Embeddings.Output(display_name="extracted_embeddings"),
+                EMBEDDINGS.Output(display_name="extracted_embeddings"),
                 io.String.Output(display_name="summary"),
                 io.String.Output(display_name="clusters_json"),
             ],

@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..finextract_core import clip_embed, sscd
-from .types import Embeddings
+from .types import EMBEDDINGS
 
 CATEGORY = "FineXtract/similarity"
 SSCD_FOLDER = "sscd"
@@ -102,7 +102,7 @@ class SSCDEmbed(io.ComfyNode):
                                "numbers). sscd: short side 288, ImageNet mean/std, no crop (the SSCD authors')."),
                 io.Int.Input("batch_size", default=32, min=1, max=1024, tooltip="Images per forward pass."),
             ],
-            outputs=[Embeddings.Output(display_name="embeddings")],
+            outputs=[EMBEDDINGS.Output(display_name="embeddings")],
         )
 
     @classmethod
@@ -133,7 +133,7 @@ class OpenCLIPEmbed(io.ComfyNode):
                                  tooltip="On for OpenAI's original CLIP weights, off for LAION/DataComp ones."),
                 io.Int.Input("batch_size", default=32, min=1, max=1024, tooltip="Images per forward pass."),
             ],
-            outputs=[Embeddings.Output(display_name="embeddings")],
+            outputs=[EMBEDDINGS.Output(display_name="embeddings")],
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from ..finextract_core import metrics
 from .embedding import require_images
-from .types import Embeddings
+from .types import EMBEDDINGS
 
 CATEGORY = "FineXtract/evaluation"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -36,7 +36,7 @@ def load_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(batch), names
 
 
-def comparison_grid(references: torch.Tensor, extracted: torch.Tensor, result: metrics.ExtractionMetrics,
+def comparison_grid(references: torch.Tensor, extracted: torch.Tensor, result: metrics.ExtractionScores,
                     thresholds: tuple[float, float], cell: int = 256) -> torch.Tensor:
     """One row per reference, best score first: reference | best extracted match | score (green above strict)."""
     order = sorted(range(len(result.best_score)), key=lambda i: -result.best_score[i])
@@ -67,9 +67,9 @@ class ExtractionMetrics(io.ComfyNode):
                         "own images): AS and A-ESR as in the paper, per-reference best matches, and a grid.",
             inputs=[
                 io.Image.Input("references", tooltip="Reference images (Load Reference Images)."),
-                Embeddings.Input("reference_embeddings", tooltip="Their descriptors (same model and preset as below)."),
+                EMBEDDINGS.Input("reference_embeddings", tooltip="Their descriptors (same model and preset as below)."),
                 io.Image.Input("extracted", tooltip="The extracted images (Clique Cluster)."),
-                Embeddings.Input("extracted_embeddings", tooltip="Their descriptors."),
+                EMBEDDINGS.Input("extracted_embeddings", tooltip="Their descriptors."),
                 io.Float.Input("loose_threshold", default=0.6, min=0.0, max=1.0, step=0.01,
                                tooltip="A-ESR counts a reference as extracted when its best similarity exceeds this "
                                "(0.6 in the paper)."),

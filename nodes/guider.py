@@ -136,7 +136,7 @@ def pair_models(fine_tuned, pretrained) -> ModelPair:
     return ModelPair(fine_tuned, pretrained, lora_hooks=_hooks_from_patches(extra))
 
 
-class ModelGuidanceGuider(comfy.samplers.CFGGuider):
+class Guider_ModelGuidance(comfy.samplers.CFGGuider):
     """Samples from w'*D_ft(c) + (1-w'+k)*D_pre(empty) - k*x (FineXtract) or one of its baselines."""
 
     def __init__(self, pair: ModelPair, mode: GuidanceMode | str, scale: float, k: float):
@@ -221,7 +221,7 @@ class ModelGuidanceGuider(comfy.samplers.CFGGuider):
             self.pair.pretrained.model, [self.conds[_COND_NAMES["pre_uncond"]]], x, timestep, options)[0]
 
 
-def build_guider(fine_tuned, pretrained, positive, negative, mode, scale, k) -> ModelGuidanceGuider:
-    guider = ModelGuidanceGuider(pair_models(fine_tuned, pretrained), mode, scale, k)
+def build_guider(fine_tuned, pretrained, positive, negative, mode, scale, k) -> Guider_ModelGuidance:
+    guider = Guider_ModelGuidance(pair_models(fine_tuned, pretrained), mode, scale, k)
     guider.set_conds(positive, negative)
     return guider

@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw, ImageFont
 
 from ..finextract_core import __version__
-from .types import Embeddings
+from .types import EMBEDDINGS
 
 CATEGORY = "FineXtract/evaluation"
 EXTRACTED_NAME = "extracted_{:02d}.png"
@@ -253,7 +253,7 @@ class AuditReport(io.ComfyNode):
                         "The same inputs always write the same bytes.",
             inputs=[
                 io.Image.Input("extracted", tooltip="The extracted images (Clique Cluster's 'extracted')."),
-                Embeddings.Input("extracted_embeddings", tooltip="Their descriptors (Clique Cluster's "
+                EMBEDDINGS.Input("extracted_embeddings", tooltip="Their descriptors (Clique Cluster's "
                                  "'extracted_embeddings'): the report names the embedder and preset from them."),
                 io.String.Input("clusters_json", force_input=True,
                                 tooltip="Clique Cluster's 'clusters_json': method, threshold and cluster sizes."),

@@ -76,7 +76,7 @@ def test_model_guidance_at_inverse_lambda_samples_the_fine_tuning_points(host):
     points = fine_tuned.model.diffusion_model.points
     context = [[torch.zeros(1, 1, 8), {}]]  # any caption: the toy models ignore it
     latent = {"samples": torch.zeros(64, *LATENT)}
-    sample = host.module("nodes.guidance").sample_with_guider
+    sample = host.module("nodes.sampling").sample_with_guider
 
     def run(mode, scale, k=0.0):
         guider = host.module("nodes.guider").build_guider(fine_tuned, pretrained, context, context, mode, scale, k)
@@ -99,7 +99,7 @@ def test_nan_prediction_stops_with_the_step_named(host):
     context = [[torch.zeros(1, 1, 8), {}]]
     guider = host.module("nodes.guider").build_guider(fine_tuned, pretrained, context, context, "finextract", 3.0, -0.02)
     with pytest.raises(FloatingPointError, match=r"NaN/inf at step 1 of 10 .* in ft_cond"):
-        host.module("nodes.guidance").sample_with_guider(guider, {"samples": torch.zeros(2, *LATENT)}, seed=0, steps=10,
+        host.module("nodes.sampling").sample_with_guider(guider, {"samples": torch.zeros(2, *LATENT)}, seed=0, steps=10,
                                                sampler_name="euler", scheduler="normal", denoise=1.0)
 
 

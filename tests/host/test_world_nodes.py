@@ -95,7 +95,7 @@ def test_the_guider_samples_a_world_pair(host, world, style):
                                                       -0.02)
     assert guider.pair.shares_weights == (style == "lora")
     latent = {"samples": torch.zeros(3, 3, 32, 32)}
-    samples = host.module("nodes.guidance").sample_with_guider(guider, latent, 0, 3, "ddim", "ddim_uniform", 1.0)
+    samples = host.module("nodes.sampling").sample_with_guider(guider, latent, 0, 3, "ddim", "ddim_uniform", 1.0)
     images = nodes.WorldDecode.execute(samples).args[0]
     assert images.shape == (3, 32, 32, 3) and torch.isfinite(images).all()
 

@@ -1,4 +1,5 @@
-"""Nodes that sample with model guidance: a GUIDER for SamplerCustomAdvanced, and an all-in-one KSampler-like node."""
+"""The sampling nodes: Model Guidance Guider (a GUIDER for SamplerCustomAdvanced) and Model Guidance Sampler (an
+all-in-one KSampler), both around Guider_ModelGuidance (guider.py), and the KSampler loop they share with the bank."""
 
 from __future__ import annotations
 
