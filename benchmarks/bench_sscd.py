@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from finextract_core.sscd import RESNET50, SSCDModel, embed_images
+from finextract_core.sscd import embed_images
+from finextract_core.sscd_network import RESNET50, SSCDModel
 
 
 def main():

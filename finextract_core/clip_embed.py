@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import Embeddings
-from .sscd import center_crop, check_image_batch, embed_batches, normalize, resize_short_side
+from .image_embedding import center_crop, embed_batches, normalize, resize_short_side
+from .images import check_image_batch
 
 _KNOWN_STATISTICS = {
     ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)): "openai",

@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from ..finextract_core import metrics
+from ..finextract_core.images import from_pil, load_image_folder, to_pil
 from .embedding import require_images
 from .types import EMBEDDINGS
 
 CATEGORY = "FineXtract/evaluation"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def load_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
-    """Every image in ``folder`` (sorted by name), centre-cropped to a ``size`` square, as an IMAGE batch."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"reference folder '{folder}' does not exist: give the full path of a folder of images")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
-    if not names:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}': put the reference images there, "
-                         "or give the folder that holds them")
-    batch = []
-    for name in names:
-        try:
-            with Image.open(os.path.join(folder, name)) as image:
-                square = ImageOps.fit(ImageOps.exif_transpose(image).convert("RGB"), (size, size), Image.BICUBIC)
-        except OSError as error:
-            raise ValueError(f"cannot read '{name}' in '{folder}' ({error}): remove or replace the file") from error
-        batch.append(torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0))
-    return torch.stack(batch), names
 
 
 def comparison_grid(references: torch.Tensor, extracted: torch.Tensor, result: metrics.ExtractionScores,
@@ -46,13 +24,12 @@ def comparison_grid(references: torch.Tensor, extracted: torch.Tensor, result: m
         score = result.best_score[i]
         row = Image.new("RGB", (3 * cell, cell), "white")
         for column, tensor in enumerate((references[i], extracted[result.best_match[i]])):
-            picture = Image.fromarray((tensor.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-            row.paste(picture.resize((cell, cell), Image.BICUBIC), (column * cell, 0))
+            row.paste(to_pil(tensor).resize((cell, cell), Image.BICUBIC), (column * cell, 0))
         colour = (0, 140, 0) if score > strict else (200, 120, 0) if score > loose else (180, 0, 0)
         draw = ImageDraw.Draw(row)
         draw.text((2 * cell + 12, cell // 2 - 20), f"{score:.3f}", fill=colour, font_size=cell // 6)
         draw.text((2 * cell + 12, cell // 2 + 30), f"ref {i} / match {result.best_match[i]}", fill="black")
-        rows.append(torch.from_numpy(np.asarray(row, dtype=np.float32) / 255.0))
+        rows.append(from_pil(row))
     return torch.cat(rows, dim=0).unsqueeze(0)
 
 
@@ -119,7 +96,7 @@ class LoadReferenceImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, size) -> io.NodeOutput:
-        images, names = load_folder(folder, size)
+        images, names = load_image_folder(folder, size)
         return io.NodeOutput(images, "\n".join(names))
 
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io as bytes_io
 import json
 import os
 
 import folder_paths
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw, ImageFont
 
 from ..finextract_core import __version__
+from ..finextract_core.images import png_bytes, to_pil
 from .types import EMBEDDINGS
 
 CATEGORY = "FineXtract/evaluation"
@@ -97,16 +96,6 @@ def report_folder(prefix: str) -> tuple[str, str]:
     if not subfolder or subfolder == "." or os.path.commonpath((folder, output)) != output or folder == output:
         raise ValueError(f"folder_prefix '{prefix}' must name a subfolder inside ComfyUI's output directory")
     return folder, subfolder.replace(os.sep, "/")
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
-
-
-def png_bytes(picture: Image.Image) -> bytes:
-    buffer = bytes_io.BytesIO()
-    picture.save(buffer, format="PNG", compress_level=6)  # PIL writes no time chunk: same pixels, same bytes
-    return buffer.getvalue()
 
 
 def _font(size: int) -> ImageFont.ImageFont:

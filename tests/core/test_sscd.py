@@ -14,6 +14,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from finextract_core import sscd
 from finextract_core.embeddings import Embeddings
+from finextract_core.sscd_layouts import load_state_dict_strict, to_classy_layout
+from finextract_core.sscd_network import RESNET50, RESNEXT101_32X4D, SSCDModel
 from finextract_core.threads import torch_threads
 
 
@@ -106,14 +108,14 @@ def test_sscd_classy_and_torchvision_files_load_resnet50_with_identical_descript
                                                                                     tmp_path):
     torchvision_layout = resnet50_reference.state_dict()
     classy_layout = {classy_name(k): v for k, v in torchvision_layout.items()}
-    assert set(classy_layout) == set(sscd.SSCDModel(sscd.RESNET50).state_dict())  # exact key match, no extras
+    assert set(classy_layout) == set(SSCDModel(RESNET50).state_dict())  # exact key match, no extras
 
     torch.save(classy_layout, tmp_path / "sscd_disc_mixup.classy.pt")
     torch.save(torchvision_layout, tmp_path / "sscd_disc_mixup.torchvision.pt")
     save_file({k: v.contiguous() for k, v in classy_layout.items()}, str(tmp_path / "sscd_disc_mixup.safetensors"))
     for name in ("sscd_disc_mixup.classy.pt", "sscd_disc_mixup.torchvision.pt", "sscd_disc_mixup.safetensors"):
         model = sscd.load_sscd_model(str(tmp_path / name))
-        assert model.architecture == sscd.RESNET50
+        assert model.architecture == RESNET50
         assert model.model_id == "sscd_disc_mixup"
         assert_same_descriptors(model, resnet50_reference, inputs)
 
@@ -124,8 +126,8 @@ def test_sscd_torchscript_tensors_are_read_without_running_the_archive(resnet50_
     scripted = torch.jit.script(resnet50_reference)
     scripted.save(str(tmp_path / "sscd_disc_mixup.torchscript.pt"))
     # ... and a Classy-layout archive (the layout of sscd_disc_large's) traced from the rebuild holding those weights.
-    classy = sscd.SSCDModel(sscd.RESNET50, "rebuild")
-    sscd.load_state_dict_strict(classy, {classy_name(k): v for k, v in resnet50_reference.state_dict().items()})
+    classy = SSCDModel(RESNET50, "rebuild")
+    load_state_dict_strict(classy, {classy_name(k): v for k, v in resnet50_reference.state_dict().items()})
     torch.jit.trace(classy.eval(), inputs, check_trace=False).save(str(tmp_path / "classy_layout.torchscript.pt"))
 
     def refuse(*args, **kwargs):
@@ -134,18 +136,18 @@ def test_sscd_torchscript_tensors_are_read_without_running_the_archive(resnet50_
     monkeypatch.setattr(torch.jit, "load", refuse)
     for name in ("sscd_disc_mixup.torchscript.pt", "classy_layout.torchscript.pt"):
         loaded = sscd.load_sscd_model(str(tmp_path / name))
-        assert loaded.architecture == sscd.RESNET50
+        assert loaded.architecture == RESNET50
         assert_same_descriptors(loaded, scripted, inputs)  # the TorchScript program and the rebuild agree
         assert_same_descriptors(loaded, resnet50_reference, inputs)
 
 
 def test_sscd_resnext101_loads_from_classy_file_with_identical_descriptors(resnext_reference, inputs, tmp_path):
     classy_layout = {classy_name(k): v for k, v in resnext_reference.state_dict().items()}
-    assert set(classy_layout) == set(sscd.SSCDModel(sscd.RESNEXT101_32X4D).state_dict())
-    assert set(sscd.to_classy_layout(resnext_reference.state_dict())) == set(classy_layout)
+    assert set(classy_layout) == set(SSCDModel(RESNEXT101_32X4D).state_dict())
+    assert set(to_classy_layout(resnext_reference.state_dict())) == set(classy_layout)
     torch.save(classy_layout, tmp_path / "sscd_disc_large.classy.pt")
     model = sscd.load_sscd_model(str(tmp_path / "sscd_disc_large.classy.pt"))
-    assert model.architecture == sscd.RESNEXT101_32X4D
+    assert model.architecture == RESNEXT101_32X4D
     assert (model.model_id, model.architecture.embedding_dim) == ("sscd_disc_large", 1024)
     assert_same_descriptors(model, resnext_reference, inputs)
 
