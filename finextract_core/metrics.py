@@ -47,6 +47,19 @@ class ExtractionScores:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "ExtractionScores":
+        """The scores of :meth:`to_dict`'s output (what Extraction Metrics' metrics_json holds)."""
+        try:
+            rows = sorted(values["per_reference"], key=lambda row: row["reference"])
+            return cls(average_similarity=float(values["AS"]),
+                       extraction_success_rates={float(t): float(r) for t, r in values["A-ESR"].items()},
+                       best_match=tuple(int(row["best_match"]) for row in rows),
+                       best_score=tuple(float(row["score"]) for row in rows),
+                       model_id=values["model_id"], preset=values["preset"])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"not Extraction Metrics' scores (missing {error}): connect its metrics_json") from error
+
     def to_csv(self) -> str:
         """One row per reference image: reference, best_match, score, and one exceeds_<tau> column per threshold."""
         buffer = io.StringIO()

@@ -1,4 +1,4 @@
-"""Candidate Bank: generate N candidates into an on-disk bank in batches; Decode Bank Candidates: only the chosen ones.
+"""Candidate Bank: generate N candidates into an on-disk bank in batches, and decode chosen ones from it.
 
 The bank (finextract_core.bank) keeps each candidate's latent and SSCD embedding on disk, so 6,900 candidates never
 sit in memory as images, a cancelled or killed run resumes when queued again, and shards of an index range made on
@@ -7,7 +7,6 @@ other machines merge into one bank.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,10 +21,11 @@ from comfy_api.latest import io
 
 from ..finextract_core import sscd
 from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, candidate_seed, fingerprint
-from .embedding import DOWNLOAD, NO_FILE, SSCD_FOLDER, load_sscd
-from .sampling import _guidance_inputs, sample_with_guider, sampling_inputs
+from ..finextract_core.embeddings import Embeddings
+from .embedding import NO_FILE, SSCD_FOLDER, load_sscd
 from .guider import build_guider
-from .types import CANDIDATE_BANK, EMBEDDINGS
+from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
+from .types import CANDIDATE_BANK, EMBEDDINGS, RUN_SETTINGS
 
 LOG = logging.getLogger("finextract")
 CATEGORY = "FineXtract/sampling"
@@ -40,10 +40,12 @@ BROWNIAN_TREE_SAMPLERS = ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2
 
 @dataclass(frozen=True)
 class BankRows:
-    """What the Candidate Bank node outputs: its bank, and the candidate index of each row of its EMBEDDINGS."""
+    """What the Candidate Bank node outputs: its bank, the candidate index of each row of its EMBEDDINGS, and those
+    embeddings (so that clusters of other embeddings are refused)."""
 
     bank: CandidateBank
     candidates: tuple[int, ...]
+    embeddings: Embeddings
 
 
 def resolve_bank_folder(bank_folder: str) -> str:
@@ -76,7 +78,7 @@ class CandidateBankNode(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Decodes each batch for embedding only; the images are not kept."),
                 io.Combo.Input("sscd_model", options=folder_paths.get_filename_list(SSCD_FOLDER) or [NO_FILE],
                                tooltip=f"SSCD weights in models/sscd/ for the candidates' embeddings (the paper uses "
-                               f"sscd_disc_large: {DOWNLOAD})."),
+                               f"sscd_disc_large: {sscd.PAPER_MODEL_URL})."),
                 io.Combo.Input("preset", options=sorted(sscd.PRESETS), default=sscd.DEFAULT_PRESET,
                                tooltip="SSCD preprocessing; compare only with embeddings of the same preset."),
                 io.Int.Input("num_candidates", default=500, min=1, max=1_000_000,
@@ -97,7 +99,11 @@ class CandidateBankNode(io.ComfyNode):
                                   tooltip="The embeddings of candidates first_candidate .. first_candidate + N - 1, "
                                   "row j = candidate first_candidate + j."),
                 CANDIDATE_BANK.Output(display_name="bank",
-                                         tooltip="The bank, for Decode Bank Candidates."),
+                                      tooltip="The bank, for Extracted Images: it decodes only the clusters' centres."),
+                io.String.Output(display_name="settings_json", tooltip="The run settings as JSON, to read."),
+                RUN_SETTINGS.Output(display_name="run_settings",
+                                    tooltip="Everything that determined the candidates, for the Audit Report (the "
+                                    "same fields as the Model Guidance Sampler's)."),
             ],
         )
 
@@ -117,13 +123,14 @@ class CandidateBankNode(io.ComfyNode):
         patcher = guider.model_patcher
         shape = tuple(comfy.sample.fix_empty_latent_channels(patcher, latent_image["samples"]).shape[1:])
         embedder = load_sscd(sscd_model)
+        settings = describe_run(guider, mode, guidance_scale, k, seed, steps, sampler_name, scheduler, 1.0,
+                                latent_shape=shape, candidates=num_candidates, first_candidate=first_candidate,
+                                noise=GENERATION_SCHEME)
         key = {
-            "scheme": GENERATION_SCHEME, "fine_tuned": model_identity(fine_tuned),
+            **settings.candidate_key(), "fine_tuned": model_identity(fine_tuned),
             "pretrained": model_identity(pretrained), "positive": fingerprint(positive),
-            "negative": fingerprint(negative), "mode": mode, "guidance_scale": guidance_scale, "k": k, "seed": seed,
-            "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "latent_shape": list(shape),
-            "vae": fingerprint(vae.first_stage_model.state_dict()), "embedder": embedder.model_id,
-            "embedder_weights": fingerprint(embedder.state_dict()), "preset": preset,
+            "negative": fingerprint(negative), "vae": fingerprint(vae.first_stage_model.state_dict()),
+            "embedder": embedder.model_id, "embedder_weights": fingerprint(embedder.state_dict()), "preset": preset,
         }
         bank = CandidateBank.open(resolve_bank_folder(bank_folder), key)
         wanted = range(first_candidate, first_candidate + num_candidates)
@@ -147,7 +154,8 @@ class CandidateBankNode(io.ComfyNode):
                 LOG.info("finextract: %d of %d candidates in the bank", done, num_candidates)
         finally:
             embedder.to(comfy.model_management.unet_offload_device())
-        return io.NodeOutput(bank.embeddings(wanted), BankRows(bank, tuple(wanted)))
+        embeddings = bank.embeddings(wanted)
+        return io.NodeOutput(embeddings, BankRows(bank, tuple(wanted), embeddings), settings.to_json(), settings)
 
 
 def candidate_step_noise(sampler_name: str, seed: int, indices: list[int], shape: tuple, patcher):
@@ -163,50 +171,6 @@ def candidate_step_noise(sampler_name: str, seed: int, indices: list[int], shape
     return BrownianTreeNoiseSampler(torch.zeros((len(indices), *shape)), 0.0, sigma_max, seed=seeds, cpu=True)
 
 
-def parse_positions(text: str) -> list[int]:
-    """CliqueCluster's clusters_json (its "centres"), a JSON list, or numbers separated by commas or spaces."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text.replace(",", " ").split()
-    if isinstance(value, dict):
-        value = value.get("centres")
-    if isinstance(value, int):
-        value = [value]
-    try:
-        positions = [int(p) for p in value]
-    except (TypeError, ValueError):
-        positions = []
-    if not positions:
-        raise ValueError(f"indices must name candidates: CliqueCluster's clusters_json, or positions such as "
-                         f"'0, 5, 17'; got {text[:80]!r}")
-    return positions
-
-
-class DecodeBankCandidates(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="FineXtractDecodeBankCandidates",
-            display_name="Decode Bank Candidates (FineXtract)",
-            category=CATEGORY,
-            description="Decodes only the chosen candidates of a bank (for example the extracted cluster centres) "
-                        "into images.",
-            inputs=[
-                CANDIDATE_BANK.Input("bank", tooltip="The Candidate Bank node's bank output."),
-                io.Vae.Input("vae", tooltip="The VAE the bank was made with."),
-                io.String.Input("indices", multiline=True, default="0",
-                                tooltip="Which candidates: CliqueCluster's clusters_json (its centres), or positions "
-                                "in the bank's embeddings such as '0, 5, 17'."),
-            ],
-            outputs=[io.Image.Output(display_name="images", tooltip="The chosen candidates, in the order given.")],
-        )
-
-    @classmethod
-    def execute(cls, bank, vae, indices) -> io.NodeOutput:
-        return io.NodeOutput(decode_candidates(bank, vae, parse_positions(indices)))
-
-
 def decode_candidates(bank: BankRows, vae, positions: list[int]) -> torch.Tensor:
     """The IMAGE of the candidates at ``positions`` (rows of the bank's EMBEDDINGS), decoded from their latents."""
     outside = [p for p in positions if not 0 <= p < len(bank.candidates)]
@@ -217,4 +181,4 @@ def decode_candidates(bank: BankRows, vae, positions: list[int]) -> torch.Tensor
     return comfy_nodes.VAEDecode().decode(vae, {"samples": latents})[0]
 
 
-NODES = [CandidateBankNode, DecodeBankCandidates]
+NODES = [CandidateBankNode]

@@ -18,7 +18,6 @@ CLIP_FOLDER = "open_clip"
 WEIGHT_EXTENSIONS = {".pt", ".pth", ".bin", ".safetensors"}
 NO_FILE = "(no SSCD file in models/sscd)"
 NO_CLIP_FILE = "(no CLIP file in models/open_clip)"
-DOWNLOAD = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt"
 
 
 def register_model_folder(name: str) -> None:
@@ -30,7 +29,8 @@ def register_model_folder(name: str) -> None:
 def missing_file_message(name: str) -> str:
     folders = ", ".join(folder_paths.get_folder_paths(SSCD_FOLDER))
     return (f"SSCD weights '{name}' not found. Put an SSCD file in {folders} (the paper uses sscd_disc_large; download "
-            f"{DOWNLOAD}, or sscd_disc_mixup.torchscript.pt from the same address) and press 'r' to refresh the list.")
+            f"{sscd.PAPER_MODEL_URL}, or sscd_disc_mixup.torchscript.pt from the same address) and press 'r' to "
+            "refresh the list.")
 
 
 def require_images(images, input_name: str) -> None:
@@ -96,7 +96,7 @@ class SSCDEmbed(io.ComfyNode):
                 io.Image.Input("images", tooltip="Candidates, extracted images or reference images."),
                 io.Combo.Input("sscd_model", options=folder_paths.get_filename_list(SSCD_FOLDER) or [NO_FILE],
                                tooltip=f"SSCD weights in models/sscd/ (.torchscript.pt, .classy.pt, .torchvision.pt or "
-                               f".safetensors). The paper uses sscd_disc_large: {DOWNLOAD}"),
+                               f".safetensors). The paper uses sscd_disc_large: {sscd.PAPER_MODEL_URL}"),
                 io.Combo.Input("preset", options=sorted(sscd.PRESETS), default=sscd.DEFAULT_PRESET,
                                tooltip="paper: Resize 256, CenterCrop 224, mean/std 0.5 (reproduces the paper's "
                                "numbers). sscd: short side 288, ImageNet mean/std, no crop (the SSCD authors')."),
@@ -126,7 +126,8 @@ class OpenCLIPEmbed(io.ComfyNode):
                 io.Image.Input("images", tooltip="Candidates, extracted images or reference images."),
                 io.Combo.Input("clip_weights", options=folder_paths.get_filename_list(CLIP_FOLDER) or [NO_CLIP_FILE],
                                tooltip="open_clip weights in models/open_clip/ (.safetensors, or a .bin/.pt state "
-                               "dict), for example open_clip_pytorch_model.bin of laion/CLIP-ViT-B-32-laion2B-s34B-b79K."),
+                               "dict), for example open_clip_pytorch_model.bin of "
+                               "laion/CLIP-ViT-B-32-laion2B-s34B-b79K."),
                 io.String.Input("architecture", default="ViT-B-32",
                                 tooltip="The open_clip architecture of those weights (ViT-B-32, ViT-L-14, RN50, ...)."),
                 io.Boolean.Input("quick_gelu", default=False,

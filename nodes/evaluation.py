@@ -8,26 +8,27 @@ from PIL import Image, ImageDraw
 
 from ..finextract_core import metrics
 from ..finextract_core.images import from_pil, load_image_folder, to_pil
+from ..finextract_core.report import BAND_COLOURS, score_band
 from .embedding import require_images
-from .types import EMBEDDINGS
+from .types import EMBEDDINGS, EXTRACTION_SCORES
 
 CATEGORY = "FineXtract/evaluation"
+LOOSE, STRICT = metrics.DEFAULT_ESR_THRESHOLDS
 
 
 def comparison_grid(references: torch.Tensor, extracted: torch.Tensor, result: metrics.ExtractionScores,
                     thresholds: tuple[float, float], cell: int = 256) -> torch.Tensor:
-    """One row per reference, best score first: reference | best extracted match | score (green above strict)."""
+    """One row per reference, best score first: reference | best extracted match | score, coloured by its band."""
     order = sorted(range(len(result.best_score)), key=lambda i: -result.best_score[i])
-    loose, strict = thresholds
     rows = []
     for i in order:
         score = result.best_score[i]
         row = Image.new("RGB", (3 * cell, cell), "white")
         for column, tensor in enumerate((references[i], extracted[result.best_match[i]])):
             row.paste(to_pil(tensor).resize((cell, cell), Image.BICUBIC), (column * cell, 0))
-        colour = (0, 140, 0) if score > strict else (200, 120, 0) if score > loose else (180, 0, 0)
         draw = ImageDraw.Draw(row)
-        draw.text((2 * cell + 12, cell // 2 - 20), f"{score:.3f}", fill=colour, font_size=cell // 6)
+        draw.text((2 * cell + 12, cell // 2 - 20), f"{score:.3f}", fill=BAND_COLOURS[score_band(score, thresholds)],
+                  font_size=cell // 6)
         draw.text((2 * cell + 12, cell // 2 + 30), f"ref {i} / match {result.best_match[i]}", fill="black")
         rows.append(from_pil(row))
     return torch.cat(rows, dim=0).unsqueeze(0)
@@ -45,13 +46,13 @@ class ExtractionMetrics(io.ComfyNode):
             inputs=[
                 io.Image.Input("references", tooltip="Reference images (Load Reference Images)."),
                 EMBEDDINGS.Input("reference_embeddings", tooltip="Their descriptors (same model and preset as below)."),
-                io.Image.Input("extracted", tooltip="The extracted images (Clique Cluster)."),
+                io.Image.Input("extracted", tooltip="The extracted images (Extracted Images)."),
                 EMBEDDINGS.Input("extracted_embeddings", tooltip="Their descriptors."),
-                io.Float.Input("loose_threshold", default=0.6, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("loose_threshold", default=LOOSE, min=0.0, max=1.0, step=0.01,
                                tooltip="A-ESR counts a reference as extracted when its best similarity exceeds this "
-                               "(0.6 in the paper)."),
-                io.Float.Input("strict_threshold", default=0.7, min=0.0, max=1.0, step=0.01,
-                               tooltip="The strict A-ESR threshold (0.7 in the paper)."),
+                               f"({LOOSE} in the paper)."),
+                io.Float.Input("strict_threshold", default=STRICT, min=0.0, max=1.0, step=0.01,
+                               tooltip=f"The strict A-ESR threshold ({STRICT} in the paper)."),
             ],
             outputs=[
                 io.Float.Output(display_name="AS"),
@@ -60,6 +61,7 @@ class ExtractionMetrics(io.ComfyNode):
                 io.String.Output(display_name="table_csv"),
                 io.String.Output(display_name="metrics_json"),
                 io.Image.Output(display_name="grid"),
+                EXTRACTION_SCORES.Output(display_name="scores", tooltip="The scores, for the Audit Report."),
             ],
         )
 
@@ -75,7 +77,7 @@ class ExtractionMetrics(io.ComfyNode):
         rates = result.extraction_success_rates
         grid = comparison_grid(references, extracted, result, (loose_threshold, strict_threshold))
         return io.NodeOutput(result.average_similarity, rates[float(loose_threshold)], rates[float(strict_threshold)],
-                             result.to_csv(), result.to_json(), grid)
+                             result.to_csv(), result.to_json(), grid, result)
 
 
 class LoadReferenceImages(io.ComfyNode):

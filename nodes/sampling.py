@@ -1,10 +1,10 @@
 """The sampling nodes: Model Guidance Guider (a GUIDER for SamplerCustomAdvanced) and Model Guidance Sampler (an
-all-in-one KSampler), both around Guider_ModelGuidance (guider.py), and the KSampler loop they share with the bank."""
+all-in-one KSampler), both around Guider_ModelGuidance (guider.py); the KSampler loop they share with the bank, and
+the one place their run settings are made."""
 
 from __future__ import annotations
 
 import inspect
-import json
 
 import comfy.model_management
 import comfy.sample
@@ -14,10 +14,15 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..finextract_core import __version__
-from ..finextract_core.guidance import DREAMBOOTH_DEFAULTS, GuidanceMode
-from .guider import build_guider, describe_family
+from ..finextract_core.guidance import CFG_DEFAULT_SCALE, DREAMBOOTH_DEFAULTS, LORA_DEFAULTS, GuidanceMode
+from ..finextract_core.run_settings import RunSettings
+from .guider import Guider_ModelGuidance, build_guider, describe_family
+from .types import RUN_SETTINGS
 
 CATEGORY = "FineXtract/sampling"
+# The sampler's noise: ComfyUI's KSampler noise, one generator seeded with the seed for the whole batch, so candidate
+# i depends on the batch it is in (the Candidate Bank's per-candidate scheme does not).
+KSAMPLER_NOISE = "ksampler-batch"
 
 
 def _guidance_inputs() -> list:
@@ -31,14 +36,16 @@ def _guidance_inputs() -> list:
                               "unconditional branch."),
         io.Combo.Input("mode", options=[m.value for m in GuidanceMode], default=GuidanceMode.FINEXTRACT.value,
                        tooltip="finextract: Eq. 13, fine-tuned(caption) guided away from pretrained(empty). "
-                       "model_guidance: Eq. 6, no caption. Baselines on the same sampler and seeds: cfg (classifier-free "
-                       "guidance on the fine-tuned model) and direct (fine-tuned model with the caption, no guidance)."),
+                       "model_guidance: Eq. 6, no caption. Baselines on the same sampler and seeds: cfg "
+                       "(classifier-free guidance on the fine-tuned model) and direct (fine-tuned model with the "
+                       "caption, no guidance)."),
         io.Float.Input("guidance_scale", default=DREAMBOOTH_DEFAULTS["scale"], min=0.0, max=100.0, step=0.1,
-                       round=0.01, tooltip="w' (w for model_guidance). Paper defaults: 3.0 for DreamBooth, 5.0 for LoRA "
-                       "fine-tunes, 3.0 for the cfg baseline."),
+                       round=0.01, tooltip=f"w' (w for model_guidance). Paper defaults: {DREAMBOOTH_DEFAULTS['scale']} "
+                       f"for DreamBooth, {LORA_DEFAULTS['scale']} for LoRA fine-tunes, {CFG_DEFAULT_SCALE} for the cfg "
+                       "baseline."),
         io.Float.Input("k", default=DREAMBOOTH_DEFAULTS["k"], min=-1.0, max=1.0, step=0.01, round=0.001,
-                       tooltip="Correction term scale of Eq. 13 (finextract only). Paper defaults: -0.02 for DreamBooth, "
-                       "0.0 for LoRA fine-tunes."),
+                       tooltip=f"Correction term scale of Eq. 13 (finextract only). Paper defaults: "
+                       f"{DREAMBOOTH_DEFAULTS['k']} for DreamBooth, {LORA_DEFAULTS['k']} for LoRA fine-tunes."),
     ]
 
 
@@ -83,14 +90,17 @@ class ModelGuidanceSampler(io.ComfyNode):
             description="KSampler with model guidance between a fine-tuned and its pretrained model: generates the "
                         "candidates from which the fine-tuning images are extracted.",
             inputs=_guidance_inputs() + [
-                io.Latent.Input("latent_image", tooltip="The latent batch to denoise (EmptyLatentImage for new candidates)."),
+                io.Latent.Input("latent_image",
+                                tooltip="The latent batch to denoise (EmptyLatentImage for new candidates)."),
                 *sampling_inputs(),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 samples from pure noise; lower values start from latent_image."),
             ],
+            # Slot 1 stays the JSON text it was before the typed output existed, so saved workflows keep their links.
             outputs=[io.Latent.Output(),
-                     io.String.Output(display_name="run_settings",
-                                      tooltip="JSON of everything that determined the candidates, for the audit report.")],
+                     io.String.Output(display_name="settings_json", tooltip="The run settings as JSON, to read."),
+                     RUN_SETTINGS.Output(display_name="run_settings",
+                                         tooltip="Everything that determined the candidates, for the Audit Report.")],
         )
 
     @classmethod
@@ -98,15 +108,22 @@ class ModelGuidanceSampler(io.ComfyNode):
                 sampler_name, scheduler, denoise) -> io.NodeOutput:
         guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
         samples = sample_with_guider(guider, latent_image, seed, steps, sampler_name, scheduler, denoise)
-        settings = {
-            "mode": mode, "guidance_scale": guidance_scale, "k": k, "seed": seed, "steps": steps,
-            "sampler": sampler_name, "scheduler": scheduler, "denoise": denoise,
-            "candidates": int(samples["samples"].shape[0]), "latent_shape": list(samples["samples"].shape[1:]),
-            "model_family": describe_family(fine_tuned),
-            "fine_tune": "base + LoRA (shared weights)" if guider.pair.shares_weights else "separate checkpoints",
-            "pack_version": __version__,
-        }
-        return io.NodeOutput(samples, json.dumps(settings, sort_keys=True))
+        settings = describe_run(guider, mode, guidance_scale, k, seed, steps, sampler_name, scheduler, denoise,
+                                latent_shape=tuple(samples["samples"].shape[1:]),
+                                candidates=int(samples["samples"].shape[0]), first_candidate=0, noise=KSAMPLER_NOISE)
+        return io.NodeOutput(samples, settings.to_json(), settings)
+
+
+def describe_run(guider: Guider_ModelGuidance, mode: str, guidance_scale: float, k: float, seed: int, steps: int,
+                 sampler_name: str, scheduler: str, denoise: float, *, latent_shape: tuple[int, ...], candidates: int,
+                 first_candidate: int, noise: str) -> RunSettings:
+    """The run settings of a sampling node's inputs (the sampler's and the Candidate Bank's alike)."""
+    return RunSettings(
+        mode=mode, guidance_scale=guidance_scale, k=k, seed=seed, steps=steps, sampler=sampler_name,
+        scheduler=scheduler, denoise=denoise, latent_shape=tuple(int(d) for d in latent_shape), candidates=candidates,
+        first_candidate=first_candidate, noise=noise, model_family=describe_family(guider.pair.fine_tuned),
+        fine_tune="base + LoRA (shared weights)" if guider.pair.shares_weights else "separate checkpoints",
+        pack_version=__version__)
 
 
 def sample_with_guider(guider, latent, seed, steps, sampler_name, scheduler, denoise, noise=None,

@@ -1,9 +1,11 @@
 """Extraction metrics against values computed by hand."""
+import json
+
 import numpy as np
 import pytest
 
 from finextract_core.embeddings import Embeddings
-from finextract_core.metrics import extraction_metrics, metrics_from_similarity
+from finextract_core.metrics import ExtractionScores, extraction_metrics, metrics_from_similarity
 
 
 def test_metrics_hand_computed_values():
@@ -73,3 +75,12 @@ def test_embeddings_copy_what_the_caller_can_still_change_and_check_every_row():
     many[1000] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         Embeddings(many, "m", "paper")
+
+
+def test_scores_come_back_from_their_json():
+    """Extraction Metrics' metrics_json read back (the deprecated Audit Report's input) is the same scores."""
+    metrics = metrics_from_similarity(np.array([[0.75, 0.1], [0.3, 0.62], [0.2, 0.1]]), thresholds=(0.5, 0.7),
+                                      model_id="sscd_disc_large", preset="paper")
+    assert ExtractionScores.from_dict(json.loads(metrics.to_json())) == metrics
+    with pytest.raises(ValueError, match="not Extraction Metrics' scores.*connect its metrics_json"):
+        ExtractionScores.from_dict({"AS": 0.5})

@@ -100,8 +100,9 @@ def test_empty_inputs_are_refused_before_any_work(world, tmp_path):
         nodes["FineXtractExtractionMetrics"].execute(images, embeddings, empty, embeddings, 0.6, 0.7)
     with pytest.raises(ValueError, match="'references' is an empty image batch"):
         nodes["FineXtractExtractionMetrics"].execute(empty, embeddings, images, embeddings, 0.6, 0.7)
+    clusters = nodes["FineXtractCliqueClusterV2"].execute(embeddings, 1, "paper", 1).args[0]
     with pytest.raises(ValueError, match="'candidates' is an empty image batch"):
-        nodes["FineXtractCliqueCluster"].execute(embeddings, 1, "paper", 1, candidates=empty)
+        nodes["FineXtractExtractedImages"].execute(clusters, candidates=empty)
     with pytest.raises(ValueError, match="no images .* in .*: put the reference images there"):
         nodes["FineXtractLoadReferenceImages"].execute(str(tmp_path), 64)
 
@@ -114,19 +115,20 @@ def test_single_images_are_scored_and_clustered(world, tmp_path):
     embed = nodes["FineXtractSSCDEmbed"]
     (reference,) = embed.execute(references, SSCD_NAME, "paper", 4).args
     (extracted,) = embed.execute(images[1:2], SSCD_NAME, "paper", 4).args
-    score, loose, strict, table, _, grid = nodes["FineXtractExtractionMetrics"].execute(
+    score, loose, strict, table, _, grid, _ = nodes["FineXtractExtractionMetrics"].execute(
         references, reference, images[1:2], extracted, 0.6, 0.7).args
     cosine = float(reference.vectors[0].astype(np.float64) @ extracted.vectors[0].astype(np.float64))
     assert score == pytest.approx(cosine, abs=1e-12)  # one reference, one extracted image: AS is their similarity
     assert (loose, strict) == (float(cosine > 0.6), float(cosine > 0.7))
     assert table.splitlines()[1] == f"0,0,{cosine:.6f},{int(cosine > 0.6)},{int(cosine > 0.7)}"
     assert grid.shape == (1, 256, 768, 3)
-    cluster = nodes["FineXtractCliqueCluster"]
+    cluster = nodes["FineXtractCliqueClusterV2"]
     with pytest.raises(ValueError, match="need at least 2 candidates, there are 1: lower min_clique_size"):
-        cluster.execute(extracted, 1, "best_threshold", 2, candidates=images[1:2])
+        cluster.execute(extracted, 1, "best_threshold", 2)
     with pytest.raises(ValueError, match="N0 = 2 clusters cannot be taken from 1 candidates"):
-        cluster.execute(extracted, 2, "best_threshold", 1, candidates=images[1:2])
-    alone, alone_embeddings, _, _ = cluster.execute(extracted, 1, "best_threshold", 1, candidates=images[1:2]).args
+        cluster.execute(extracted, 2, "best_threshold", 1)
+    clusters = cluster.execute(extracted, 1, "best_threshold", 1).args[0]
+    alone, alone_embeddings = nodes["FineXtractExtractedImages"].execute(clusters, candidates=images[1:2]).args
     assert torch.equal(alone, images[1:2]) and np.array_equal(alone_embeddings.vectors, extracted.vectors)
 
 

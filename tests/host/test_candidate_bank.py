@@ -1,6 +1,7 @@
-"""The Candidate Bank and Decode Bank Candidates nodes in-process on the real host, with the stand-in models (a base
+"""The Candidate Bank and the nodes that read it, in-process on the real host, with the stand-in models (a base
 checkpoint and a LoRA) and a random SSCD file: candidate i does not depend on the batch size, extending N keeps the
-first candidates, shards of index ranges merge into one run's bank, and bad input is answered with advice.
+first candidates, shards of index ranges merge into one run's bank, the bank's run settings are the sampler's, only the
+extracted candidates are decoded, and bad input is answered with advice.
 
 Resuming after ComfyUI's /interrupt and after a killed server is tested over HTTP in test_candidate_bank_server.py.
 """
@@ -46,11 +47,17 @@ def setup(host, tmp_path_factory):
     }
 
 
-def make_bank(setup, name, num_candidates=COUNT, first_candidate=0, batch_size=COUNT, **changes):
+def run_bank(setup, name, num_candidates=COUNT, first_candidate=0, batch_size=COUNT, **changes):
+    """The Candidate Bank's outputs: embeddings, bank, settings JSON, run settings."""
     node = setup["nodes"]["FineXtractCandidateBank"]
     inputs = {**setup["inputs"], **changes}
     return node.execute(**inputs, num_candidates=num_candidates, first_candidate=first_candidate,
                         batch_size=batch_size, bank_folder=str(setup["folder"] / name)).args
+
+
+def make_bank(setup, name, **options):
+    """(embeddings, bank) of a Candidate Bank run."""
+    return run_bank(setup, name, **options)[:2]
 
 
 @pytest.fixture(scope="module")
@@ -114,35 +121,69 @@ def test_shards_of_index_ranges_merge_into_one_run(setup, reference):
     assert (embeddings.vectors[:2] == first_half.vectors).all() and (embeddings.vectors[2:] == second_half.vectors).all()
 
 
-def test_decode_chosen_candidates_from_cliquecluster(setup, reference):
+def test_extracted_images_decode_only_the_centres(setup, reference):
     nodes, vae = setup["nodes"], setup["vae"]
     _, embeddings, rows = reference
-    decode = nodes["FineXtractDecodeBankCandidates"]
-    every = decode.execute(rows, vae, ", ".join(str(i) for i in range(COUNT))).args[0]
+    every = nodes["FineXtractDecodeBankCandidates"].execute(rows, vae, ", ".join(str(i) for i in range(COUNT))).args[0]
     assert every.shape == (COUNT, 64, 64, 3)
-    cluster = nodes["FineXtractCliqueCluster"]
-    extracted, _, _, clusters_json = cluster.execute(embeddings, 2, "paper", 1, candidates=every).args
-    chosen = decode.execute(rows, vae, clusters_json).args[0]
-    assert torch.equal(chosen, extracted), "decoding the centres must give CliqueCluster's extracted images"
-    # Given the bank instead of the images, CliqueCluster decodes just its centres: the same images.
-    from_bank = cluster.execute(embeddings, 2, "paper", 1, bank=rows, vae=vae).args
-    assert torch.equal(from_bank[0], extracted) and from_bank[3] == clusters_json
+    decoded = nodes["VAEDecode"]().decode(vae, {"samples": CandidateBank.read(reference[0]).latents(list(range(COUNT)))})
+    assert torch.equal(every, decoded[0]), "a bank candidate decodes to the VAE's image of its stored latent"
+    clusters, _, clusters_json = nodes["FineXtractCliqueClusterV2"].execute(embeddings, 2, "paper", 1).args
+    images = nodes["FineXtractExtractedImages"]
+    from_images, from_images_embeddings = images.execute(clusters, candidates=every).args
+    # From the bank and its VAE instead of the images: only the centres are decoded, to the same images.
+    from_bank, from_bank_embeddings = images.execute(clusters, bank=rows, vae=vae).args
+    assert torch.equal(from_bank, from_images) and torch.equal(from_bank, every[list(clusters.centres)])
+    assert (from_bank_embeddings.vectors == from_images_embeddings.vectors).all()
+    # The deprecated decoder of pack 0.1.0 still reads Clique Cluster's JSON and positions.
+    decode = nodes["FineXtractDecodeBankCandidates"]
+    assert torch.equal(decode.execute(rows, vae, clusters_json).args[0], from_bank)
     assert torch.equal(decode.execute(rows, vae, "[3, 0]").args[0], every[[3, 0]])
     with pytest.raises(ValueError, match=r"outside the bank's 4 embeddings"):
         decode.execute(rows, vae, "1, 9")
     with pytest.raises(ValueError, match="clusters_json, or positions"):
         decode.execute(rows, vae, "")
+    # Clusters of other embeddings than the bank's are refused, before anything is decoded.
+    other, _ = make_bank(setup, "other_seed", seed=11)
+    other_clusters, _, _ = nodes["FineXtractCliqueClusterV2"].execute(other, 2, "paper", 1).args
+    with pytest.raises(ValueError, match="not made from this bank's embeddings"):
+        images.execute(other_clusters, bank=rows, vae=vae)
+    half, _ = make_bank(setup, "reference", num_candidates=2)
+    half_clusters, _, _ = nodes["FineXtractCliqueClusterV2"].execute(half, 1, "paper", 1).args
+    with pytest.raises(ValueError, match="the bank holds 4 candidates but 2 were clustered"):
+        images.execute(half_clusters, bank=rows, vae=vae)
+
+
+def test_the_banks_run_settings_are_the_samplers(setup):
+    """Built in one place: the same inputs give the same settings, but for how the noise is drawn."""
+    nodes = setup["nodes"]
+    _, _, settings_json, settings = run_bank(setup, "settings", num_candidates=3, first_candidate=2, batch_size=3)
+    sampler_inputs = {name: setup["inputs"][name] for name in ("fine_tuned", "pretrained", "positive", "negative",
+                                                             "mode", "guidance_scale", "k", "seed", "steps",
+                                                             "sampler_name", "scheduler")}
+    latent = nodes["EmptyLatentImage"]().generate(64, 64, 3)[0]
+    _, sampler_json, sampler_settings = nodes["FineXtractModelGuidanceSampler"].execute(
+        **sampler_inputs, latent_image=latent, denoise=1.0).args
+    assert json.loads(settings_json) == settings.to_dict() and json.loads(sampler_json) == sampler_settings.to_dict()
+    differ = {name for name, value in settings.to_dict().items() if sampler_settings.to_dict()[name] != value}
+    assert differ == {"noise", "first_candidate"}
+    assert (settings.noise, sampler_settings.noise) == ("per-candidate-noise-v2", "ksampler-batch")
+    assert settings.candidates == sampler_settings.candidates == 3 and settings.first_candidate == 2
+    assert settings.fine_tune == "base + LoRA (shared weights)" and settings.latent_shape == (4, 8, 8)
+    with open(os.path.join(setup["folder"], "settings", "bank.json")) as handle:
+        key = json.load(handle)["key"]
+    assert {name: key[name] for name in settings.candidate_key()} == settings.candidate_key()
 
 
 def test_bad_input_is_answered_with_advice(setup, reference):
     nodes = setup["nodes"]
     _, embeddings, rows = reference
     images = nodes["FineXtractDecodeBankCandidates"].execute(rows, setup["vae"], "0, 1, 2, 3").args[0]
-    cluster = nodes["FineXtractCliqueCluster"]
+    cluster = nodes["FineXtractCliqueClusterV2"]
     with pytest.raises(ValueError, match="N0"):
-        cluster.execute(embeddings, COUNT + 1, "paper", 1, candidates=images)
+        cluster.execute(embeddings, COUNT + 1, "paper", 1)
     with pytest.raises(ValueError, match="N0"):
-        cluster.execute(embeddings, 0, "paper", 1, candidates=images)
+        cluster.execute(embeddings, 0, "paper", 1)
     # Embeddings of another preset (or model) are never compared with the bank's.
     (other_preset,) = nodes["FineXtractSSCDEmbed"].execute(images, SSCD_NAME, "sscd", 4).args
     with pytest.raises(ValueError, match="preset"):

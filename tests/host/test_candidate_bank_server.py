@@ -49,11 +49,14 @@ def wait_for_first_shard(server, folder: str, prompt_id: str) -> None:
 
 def test_bank_nodes_are_served_with_tooltips(server):
     info = server.get("/object_info")
-    for node_id in (BANK_ID, "FineXtractDecodeBankCandidates"):
-        for name, spec in info[node_id]["input"]["required"].items():
-            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    assert info[BANK_ID]["output"] == ["FINEXTRACT_EMBEDDINGS", "FINEXTRACT_CANDIDATE_BANK"]
-    assert info["FineXtractDecodeBankCandidates"]["output"] == ["IMAGE"]
+    for node_id in (BANK_ID, "FineXtractExtractedImages"):
+        for group in ("required", "optional"):
+            for name, spec in info[node_id]["input"].get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert info[BANK_ID]["output"] == ["FINEXTRACT_EMBEDDINGS", "FINEXTRACT_CANDIDATE_BANK", "STRING",
+                                       "FINEXTRACT_RUN_SETTINGS"]
+    assert info["FineXtractExtractedImages"]["output"] == ["IMAGE", "FINEXTRACT_EMBEDDINGS"]
+    assert info["FineXtractDecodeBankCandidates"]["deprecated"] is True
 
 
 def test_interrupted_run_resumes_to_the_same_bank(server, reference):

@@ -30,7 +30,7 @@ def test_pack_nodes_are_served_with_tooltips(server):
             assert required[name][1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert info[SAMPLER_ID]["input"]["required"]["guidance_scale"][1]["default"] == 3.0
     assert info[SAMPLER_ID]["input"]["required"]["k"][1]["default"] == -0.02
-    assert info[SAMPLER_ID]["output"] == ["LATENT", "STRING"]
+    assert info[SAMPLER_ID]["output"] == ["LATENT", "STRING", "FINEXTRACT_RUN_SETTINGS"]
     assert info[GUIDER_ID]["output"] == ["GUIDER"]
 
 

@@ -57,26 +57,28 @@ def node_classes(host, *node_ids):
 
 
 def test_attack_back_half_recovers_the_planted_images(host, sscd_file):
-    embed, cluster, metrics = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueCluster",
-                                           "FineXtractExtractionMetrics")
+    embed, cluster, images, metrics = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueClusterV2",
+                                                   "FineXtractExtractedImages", "FineXtractExtractionMetrics")
     prototypes, candidates, labels = planted_candidates()
     (candidate_embeddings,) = run(embed, candidates, sscd_file, "paper", 8)
     assert candidate_embeddings.vectors.shape == (N0 * COPIES, 512)
     # The paper's own rule merges these two groups (its documented weakness, tested in tests/core).
     for method in ("best_threshold", "complete_linkage"):
-        extracted, extracted_embeddings, summary, clusters_json = run(cluster, candidate_embeddings, N0, method, 2,
-                                                                      candidates=candidates)
+        clusters, summary, clusters_json = run(cluster, candidate_embeddings, N0, method, 2)
+        assert clusters.embeddings is candidate_embeddings and json.loads(clusters_json) == json.loads(
+            clusters.result.to_json()), "the JSON output is the typed clusters, for reading"
+        extracted, extracted_embeddings = run(images, clusters, candidates=candidates)
         assert extracted.shape == (N0, SIZE, SIZE, 3)
-        centres = json.loads(clusters_json)["centres"]
+        centres = list(clusters.result.centres)
         assert torch.equal(extracted, candidates[centres]), "the extracted images must be the cluster centres"
         assert (extracted_embeddings.vectors == candidate_embeddings.vectors[centres]).all()
-        clusters = json.loads(clusters_json)
-        assert sorted(clusters["sizes"]) == [COPIES] * N0, summary
-        for members in clusters["members"]:
+        assert sorted(clusters.result.sizes) == [COPIES] * N0, summary
+        for members in clusters.result.members:
             assert len({labels[m] for m in members}) == 1, f"{method}: a cluster mixes prototypes: {summary}"
         (reference_embeddings,) = run(embed, prototypes, sscd_file, "paper", 8)
-        as_score, esr_loose, esr_strict, table, metrics_json, grid = run(
+        as_score, esr_loose, esr_strict, table, metrics_json, grid, scores = run(
             metrics, prototypes, reference_embeddings, extracted, extracted_embeddings, 0.6, 0.7)
+        assert json.loads(metrics_json) == scores.to_dict() and scores.average_similarity == as_score
         by_hand = (reference_embeddings.vectors @ extracted_embeddings.vectors.T).max(axis=1)
         assert abs(as_score - float(by_hand.mean())) < 1e-6
         assert as_score > 0.95 and esr_loose == 1.0 and esr_strict == 1.0
@@ -85,9 +87,24 @@ def test_attack_back_half_recovers_the_planted_images(host, sscd_file):
         assert grid.shape[0] == 1 and grid.shape[-1] == 3 and grid.shape[1] == N0 * 256
 
 
+def test_deprecated_clique_cluster_gives_what_the_new_pair_gives(host, sscd_file):
+    """Pack 0.1.0's Clique Cluster (kept for saved workflows) = Clique Cluster + Extracted Images, same JSON."""
+    embed, old, cluster, images = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueCluster",
+                                               "FineXtractCliqueClusterV2", "FineXtractExtractedImages")
+    assert old.GET_SCHEMA().is_deprecated and not cluster.GET_SCHEMA().is_deprecated
+    _, candidates, _ = planted_candidates(seed=1)
+    (embeddings,) = run(embed, candidates, sscd_file, "paper", 8)
+    extracted, extracted_embeddings, summary, clusters_json = run(old, embeddings, N0, "best_threshold", 2,
+                                                                  candidates=candidates)
+    clusters, new_summary, new_json = run(cluster, embeddings, N0, "best_threshold", 2)
+    new_extracted, new_embeddings = run(images, clusters, candidates=candidates)
+    assert (summary, clusters_json) == (new_summary, new_json)
+    assert torch.equal(extracted, new_extracted) and (extracted_embeddings.vectors == new_embeddings.vectors).all()
+
+
 def test_similarity_nodes_refuse_bad_input_with_advice(host, sscd_file):
-    embed, cluster, metrics = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueCluster",
-                                           "FineXtractExtractionMetrics")
+    embed, cluster, images, metrics = node_classes(host, "FineXtractSSCDEmbed", "FineXtractCliqueClusterV2",
+                                                   "FineXtractExtractedImages", "FineXtractExtractionMetrics")
     prototypes, candidates, _ = planted_candidates()
     with pytest.raises(FileNotFoundError, match=r"models/sscd.*dl\.fbaipublicfiles\.com"):
         run(embed, candidates, "(no SSCD file in models/sscd)", "paper", 8)
@@ -96,11 +113,12 @@ def test_similarity_nodes_refuse_bad_input_with_advice(host, sscd_file):
     with pytest.raises(ValueError, match="preset"):
         run(metrics, prototypes, paper, prototypes, sscd_preset, 0.6, 0.7)
     with pytest.raises(ValueError, match="N0"):
-        run(cluster, paper, N0 + 1, "paper", 1, candidates=prototypes)
+        run(cluster, paper, N0 + 1, "paper", 1)
+    clusters, _, _ = run(cluster, paper, 1, "paper", 1)
     with pytest.raises(ValueError, match="embed the same batch"):
-        run(cluster, paper, 1, "paper", 1, candidates=candidates)
+        run(images, clusters, candidates=candidates)
     with pytest.raises(ValueError, match="Candidate Bank"):
-        run(cluster, paper, 1, "paper", 1)
+        run(images, clusters)
 
 
 def test_clip_embed_node_reads_local_weights_and_never_mixes_with_sscd(host, sscd_file, tmp_path):

@@ -4,7 +4,11 @@
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
-const REPORT_NODE = "FineXtractAuditReport";
+// Each report node type, and its inputs that the Clique Cluster and the Extraction Metrics nodes feed.
+const REPORT_NODES = {
+  FineXtractAuditReportV2: { clusters: "clusters", scores: "scores" },
+  FineXtractAuditReport: { clusters: "clusters_json", scores: "metrics_json" }, // deprecated: JSON inputs
+};
 
 function viewUrl(subfolder, filename) {
   const query = new URLSearchParams({ filename, subfolder, type: "output" });
@@ -51,12 +55,11 @@ function gallery(panel) {
 function scoreTable(panel) {
   const header = element("tr", {}, ["reference", "best match", "SSCD similarity"].map((t) =>
     element("th", { textContent: t })));
-  const strict = Math.max(...panel.thresholds.map(Number));
-  const loose = Math.min(...panel.thresholds.map(Number));
+  // Each score comes with its band's colour (finextract_core/report.py), the colour the report and the grid use;
+  // white on it reads on a light or a dark theme.
   const rows = panel.scores.map((row) => {
-    const colour = row.score > strict ? "#4c4" : row.score > loose ? "#db4" : "#d55";
-    const score = element("td", { textContent: row.score.toFixed(3) });
-    score.style.color = colour;
+    const score = element("td", { textContent: row.score.toFixed(3), title: `band: ${row.band}` });
+    score.style.cssText = `background: ${row.colour}; color: #fff; text-align: right;`;
     return element("tr", {}, [element("td", { textContent: row.name }),
       element("td", { textContent: `#${row.best_match}` }), score]);
   });
@@ -87,16 +90,17 @@ function reportLinks(panel) {
 app.registerExtension({
   name: "FineXtract.AuditReport",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== REPORT_NODE) return;
+    const inputs = REPORT_NODES[nodeData.name];
+    if (!inputs) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
       const panel = output?.finextract_report?.[0];
       if (!panel) return;
       showPanel(this, "finextract-report-link", reportLinks(panel));
-      const clusters = upstreamNode(this, "clusters_json");
+      const clusters = upstreamNode(this, inputs.clusters);
       if (clusters) showPanel(clusters, "finextract-gallery", gallery(panel));
-      const metrics = upstreamNode(this, "metrics_json");
+      const metrics = upstreamNode(this, inputs.scores);
       if (metrics && panel.scores.length) showPanel(metrics, "finextract-scores", scoreTable(panel));
     };
   },
