@@ -4,8 +4,8 @@ ComfyUI server, extracting the world's fine-tuning images.
 1. Builds (once, then reuses from cache/demo_world/<spec digest>) a small demo world from the proving ground
    (lab/world): a 32x32 text-to-image diffusion model pretrained on procedural images, fine-tuned
    DreamBooth-style and with a LoRA on N0 real photos from scikit-image's sample images, captioned "a sks photo".
-2. Starts ComfyUI headless on 127.0.0.1 and converts workflows/finextract_dreambooth.json and
-   workflows/finextract_lora.json to API form, with the world's nodes swapped in: World Loader for the checkpoint
+2. Starts ComfyUI headless on 127.0.0.1 and converts workflows/finextract_dreambooth_one_batch.json and
+   workflows/finextract_lora_one_batch.json to API form, with the world's nodes swapped in: World Loader for the checkpoint
    loaders, World Text Encode for CLIPTextEncode, World Decode for VAEDecode, World Embed for SSCD Embed (SSCD is
    meaningless at 32x32). The LoRA goes through ComfyUI's own LoraLoaderModelOnly. Extraction Metrics against the
    fine-tuning images is added, so each audit report scores what was extracted.
@@ -152,9 +152,9 @@ def world_prompt(workflow: str, object_info: dict, demo: DemoWorld, files: dict[
             inputs.update(width=8 * RESOLUTION, height=8 * RESOLUTION, batch_size=50 * n0)
         elif kind == "FineXtractModelGuidanceSampler":
             inputs["steps"] = steps
-        elif kind == "FineXtractCliqueCluster":
+        elif kind == "FineXtractCliqueClusterV2":
             inputs["n0"] = n0
-        elif kind == "FineXtractAuditReport":
+        elif kind == "FineXtractAuditReportV2":
             inputs.update({name: report_files.get(value, value) for name, value in inputs.items()
                            if isinstance(value, str)})
             reports.append(node)
@@ -165,9 +165,9 @@ def world_prompt(workflow: str, object_info: dict, demo: DemoWorld, files: dict[
                                       "inputs": {"images": ["demo_references", 0]}}
     prompt["demo_metrics"] = {"class_type": "FineXtractExtractionMetrics", "inputs": {
         "references": ["demo_references", 0], "reference_embeddings": ["demo_reference_embed", 0],
-        "extracted": report["inputs"]["extracted"], "extracted_embeddings": report["inputs"]["extracted_embeddings"],
+        "extracted": report["inputs"]["extracted"], "extracted_embeddings": [report["inputs"]["extracted"][0], 1],
         "loose_threshold": 0.6, "strict_threshold": 0.7}}
-    report["inputs"].update(references=["demo_references", 0], metrics_json=["demo_metrics", 4],
+    report["inputs"].update(references=["demo_references", 0], scores=["demo_metrics", 6],
                             reference_names=["demo_references", 1])
     return prompt
 
@@ -175,7 +175,7 @@ def world_prompt(workflow: str, object_info: dict, demo: DemoWorld, files: dict[
 def report_folders(prompt: dict, output: str) -> list[str]:
     """Where the prompt's Audit Report nodes write, under ComfyUI's output directory."""
     return [os.path.join(output, node["inputs"]["folder_prefix"]) for node in prompt.values()
-            if node["class_type"] == "FineXtractAuditReport"]
+            if node["class_type"] in ("FineXtractAuditReportV2", "FineXtractAuditReport")]
 
 
 class Progress:
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     with ComfyServer(comfy_base) as server:
         object_info = server.get("/object_info")
         for case in ("dreambooth", "lora"):
-            workflow = f"finextract_{case}"
+            workflow = f"finextract_{case}_one_batch"
             prompt = world_prompt(workflow, object_info, demo, files, references, n0=opts.n0, steps=opts.steps)
             with progress.ticking(f"{case}: workflows/{workflow}.json on the world, N = {50 * opts.n0} candidates, "
                                   f"N0 = {opts.n0}, {opts.steps} steps"):

@@ -1,6 +1,9 @@
-"""The example workflows in workflows/: their node types and links agree with a real server's /object_info, ComfyUI
-serves them as the pack's templates, and each one, converted to API form with the small stand-in models swapped in,
-runs on a real ComfyUI server and writes the audit report; a second run writes the same bytes."""
+"""The example workflows in workflows/: exactly what the generator writes from a live server, their node types and
+links agree with a real server's /object_info, ComfyUI serves them as the pack's templates, and each one, converted to
+API form with the small stand-in models swapped in, runs on a real ComfyUI server and writes the audit report; a second
+run writes the same bytes. The bank path records the sampler path's run settings, and the workflows saved before the
+typed hand-offs (fixtures/old_workflows: main's workflows/ at f2600c4) still load and run on the deprecated nodes,
+writing the same report as today's one-batch templates."""
 
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ import glob
 import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,15 +24,24 @@ from PIL import Image
 from fixtures.stand_in_models import stand_in_prompt, write_workflow_stand_ins
 from lab.demo import report_folders
 from tools.host.comfy_server import PACK_FOLDER, REPO_ROOT, ComfyServer, execution_error
-from tools.workflows.make_workflows import SPECS, WORKFLOWS_DIR
+from tools.workflows.make_workflows import WORKFLOWS_DIR
 from tools.workflows.workflow_api import EDITOR_ONLY_TYPES, input_type, ordered_inputs, replace_inputs, ui_to_api
 
-WORKFLOW_NAMES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{WORKFLOWS_DIR}/*.json"))
+OLD_WORKFLOWS_DIR = os.path.join(REPO_ROOT, "fixtures", "old_workflows")
+
+
+def names_in(folder: str) -> list[str]:
+    return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{folder}/*.json"))
+
+
+WORKFLOW_NAMES = names_in(WORKFLOWS_DIR)
+OLD_WORKFLOW_NAMES = names_in(OLD_WORKFLOWS_DIR)
 SMALL_RUN = {"n0": 2, "candidates": 6, "steps": 2, "size": 64}
+REPORT_FILES = ["extracted_00.png", "extracted_01.png", "report.html", "report.json", "summary.png"]
 
 
-def load_workflow(name: str) -> dict:
-    with open(os.path.join(WORKFLOWS_DIR, f"{name}.json")) as f:
+def load_workflow(name: str, folder: str = WORKFLOWS_DIR) -> dict:
+    with open(os.path.join(folder, f"{name}.json")) as f:
         return json.load(f)
 
 
@@ -73,13 +89,40 @@ def test_a_host_without_the_lab_lists_the_packs_nodes_and_no_lab_node(host, obje
     assert not any(info["category"].startswith("FineXtract/world") for info in object_info.values())
 
 
-def test_committed_workflows_are_the_generated_ones():
-    assert WORKFLOW_NAMES == sorted(SPECS), "workflows/ and tools/workflows/make_workflows.py disagree: run make_workflows.py"
+def test_committed_workflows_are_what_the_generator_writes(tmp_path):
+    """The generator run as users run it (its own server, a plain process) writes these very files, byte for byte."""
+    done = subprocess.run([sys.executable, "-m", "tools.workflows.make_workflows", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert names_in(str(tmp_path)) == WORKFLOW_NAMES, "workflows/ and make_workflows.py list other workflows"
+    for name in WORKFLOW_NAMES:
+        generated = (tmp_path / f"{name}.json").read_bytes()
+        with open(os.path.join(WORKFLOWS_DIR, f"{name}.json"), "rb") as f:
+            assert f.read() == generated, f"workflows/{name}.json is not what make_workflows.py writes: run it"
 
 
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_node_types_exist_and_link_types_match(object_info, name):
-    workflow = load_workflow(name)
+def test_templates_use_the_bank_in_batches_that_fit_a_consumer_gpu(object_info):
+    for name in WORKFLOW_NAMES:
+        workflow = load_workflow(name)
+        nodes = ui_to_api(workflow, object_info).values()
+        types = [node["class_type"] for node in nodes]
+        if name.endswith("_one_batch"):
+            assert "FineXtractCandidateBank" not in types and "FineXtractModelGuidanceSampler" in types
+            continue
+        banks = [node["inputs"] for node in nodes if node["class_type"] == "FineXtractCandidateBank"]
+        assert banks and "FineXtractModelGuidanceSampler" not in types, f"{name} does not sample through the bank"
+        for bank in banks:
+            assert (bank["num_candidates"], bank["first_candidate"], bank["batch_size"]) == (500, 0, 8)
+        assert len({bank["bank_folder"] for bank in banks}) == len(banks), "one bank folder per setting"
+        assert any("fits a 12 GB GPU" in note["widgets_values"][0] for note in workflow["nodes"]
+                   if note["type"] == "Note")
+    assert {"finextract_dreambooth_one_batch", "finextract_lora_one_batch"} <= set(WORKFLOW_NAMES)
+
+
+@pytest.mark.parametrize("folder, name", [(WORKFLOWS_DIR, name) for name in WORKFLOW_NAMES] +
+                         [(OLD_WORKFLOWS_DIR, name) for name in OLD_WORKFLOW_NAMES])
+def test_node_types_exist_and_link_types_match(object_info, folder, name):
+    workflow = load_workflow(name, folder)
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for node in nodes.values():
         assert node["type"] in object_info or node["type"] in EDITOR_ONLY_TYPES, f"unknown node type {node['type']}"
@@ -91,9 +134,13 @@ def test_node_types_exist_and_link_types_match(object_info, name):
         target_input = target["inputs"][to_slot]
         declared = dict(ordered_inputs(object_info[target["type"]]))[target_input["name"]]
         assert target_input["link"] == link_id and link_id in source["outputs"][from_slot]["links"]
-        assert given == link_type == input_type(declared), \
-            f"link {link_id}: {source['type']} gives {given}, {target['type']}.{target_input['name']} takes {declared[0]}"
+        assert given == link_type == input_type(declared), (
+            f"link {link_id}: {source['type']} gives {given}, {target['type']}.{target_input['name']} takes "
+            f"{declared[0]}")
     ui_to_api(workflow, object_info)  # every widget value maps to a widget input
+    deprecated = {node["type"] for node in nodes.values() if object_info.get(node["type"], {}).get("deprecated")}
+    if folder == WORKFLOWS_DIR:
+        assert not deprecated, f"a template uses deprecated nodes: {deprecated}"
 
 
 def test_workflows_are_served_as_the_packs_templates(server):
@@ -103,11 +150,11 @@ def test_workflows_are_served_as_the_packs_templates(server):
         assert server.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json") == load_workflow(name)
 
 
-def small_prompt(server, object_info, name: str) -> dict:
+def small_prompt(server, object_info, name: str, folder: str = WORKFLOWS_DIR) -> dict:
     """The workflow in API form on the stand-in models, small enough to run in seconds on a CPU."""
-    prompt = stand_in_prompt(name, object_info, **SMALL_RUN)
+    prompt = stand_in_prompt(name, object_info, folder=folder, **SMALL_RUN)
     for node in prompt.values():
-        if node["class_type"] == "FineXtractCliqueCluster":
+        if node["class_type"] in ("FineXtractCliqueClusterV2", "FineXtractCliqueCluster"):
             node["inputs"]["min_clique_size"] = 1  # 6 candidates of a random model need not form two pairs
         if node["class_type"] == "FineXtractCaptionInverter":
             node["inputs"].update(iterations=3, restarts=1)
@@ -117,11 +164,16 @@ def small_prompt(server, object_info, name: str) -> dict:
     return prompt
 
 
-def run_small(server, object_info, name: str) -> tuple[dict, list[str]]:
-    prompt = small_prompt(server, object_info, name)
+def run_small(server, object_info, name: str, folder: str = WORKFLOWS_DIR) -> tuple[dict, list[str]]:
+    prompt = small_prompt(server, object_info, name, folder)
     entry = server.run(prompt, timeout=300)
     assert execution_error(entry) is None, execution_error(entry)
     return entry, report_folders(prompt, os.path.join(server.base, "output"))
+
+
+def read_report(folder: str) -> dict:
+    with open(os.path.join(folder, "report.json")) as f:
+        return json.load(f)
 
 
 def sha256(path: str) -> str:
@@ -129,15 +181,12 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_workflow_runs_and_writes_the_audit_report(server, object_info, name):
-    entry, folders = run_small(server, object_info, name)
+def check_report(server, entry: dict, name: str, folders: list[str]) -> dict:
+    """What every run's report holds; returns the last report."""
     models = os.path.join(server.base, "models")
     for folder in folders:
-        with open(os.path.join(folder, "report.json")) as f:
-            report = json.load(f)
-        assert sorted(os.listdir(folder)) == ["extracted_00.png", "extracted_01.png", "report.html", "report.json",
-                                              "summary.png"]
+        report = read_report(folder)
+        assert sorted(os.listdir(folder)) == REPORT_FILES
         assert report["clustering"]["n_candidates"] == SMALL_RUN["candidates"]
         assert report["sampling"]["steps"] == SMALL_RUN["steps"] and report["embedder"]["model_id"] == "stand_in_sscd"
         for model in report["models"]:
@@ -156,6 +205,40 @@ def test_workflow_runs_and_writes_the_audit_report(server, object_info, name):
         assert shown.split("\n")[0].strip(), "the inverter gave an empty caption"
     report_ui = [output for output in entry["outputs"].values() if "finextract_report" in output]
     assert len(report_ui) == len(folders) and all(output["images"] for output in report_ui)
+    return report
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_runs_and_writes_the_audit_report(server, object_info, name):
+    entry, folders = run_small(server, object_info, name)
+    report = check_report(server, entry, name, folders)
+    bank = not name.endswith("_one_batch")
+    assert report["sampling"]["noise"] == ("per-candidate-noise-v2" if bank else "ksampler-batch")
+
+
+def test_bank_path_records_the_samplers_run_settings(server, object_info):
+    """The same DreamBooth attack through the Candidate Bank and through one batch: the reports' run settings are the
+    same fields with the same values, but for how each candidate's noise follows from the seed."""
+    _, (bank_folder,) = run_small(server, object_info, "finextract_dreambooth")
+    _, (batch_folder,) = run_small(server, object_info, "finextract_dreambooth_one_batch")
+    bank, batch = read_report(bank_folder), read_report(batch_folder)
+    assert bank["sampling"].keys() == batch["sampling"].keys()
+    assert {key for key in bank["sampling"] if bank["sampling"][key] != batch["sampling"][key]} == {"noise"}
+    assert bank["sampling"]["candidates"] == SMALL_RUN["candidates"] and bank["sampling"]["mode"] == "finextract"
+    assert bank["models"] == batch["models"] and bank["embedder"] == batch["embedder"]
+    assert bank["clustering"]["n_candidates"] == batch["clustering"]["n_candidates"]
+
+
+@pytest.mark.parametrize("name", OLD_WORKFLOW_NAMES)
+def test_workflows_saved_before_the_typed_handoffs_still_run(server, object_info, name):
+    entry, folders = run_small(server, object_info, name, OLD_WORKFLOWS_DIR)
+    check_report(server, entry, name, folders)
+    if name in ("finextract_dreambooth", "finextract_lora"):  # today's template of the same graph: the same report
+        _, (today,) = run_small(server, object_info, f"{name}_one_batch")
+        (old,) = folders
+        for file in REPORT_FILES:
+            with open(os.path.join(old, file), "rb") as a, open(os.path.join(today, file), "rb") as b:
+                assert a.read() == b.read(), f"{file} differs between the old {name} and {name}_one_batch"
 
 
 def combo_options(spec: list) -> list:
@@ -163,27 +246,39 @@ def combo_options(spec: list) -> list:
 
 
 def test_report_lists_the_loaders_files_and_refuses_any_other_name(server, object_info):
-    report = object_info["FineXtractAuditReport"]["input"]["required"]
     loader = lambda node, name: combo_options(object_info[node]["input"]["required"][name])  # noqa: E731
     models = loader("CheckpointLoaderSimple", "ckpt_name") + loader("UNETLoader", "unet_name")
     assert "dreambooth.safetensors" in models and "style.safetensors" in loader("LoraLoaderModelOnly", "lora_name")
-    assert combo_options(report["pretrained_file"]) == ["(none)", *dict.fromkeys(models)]
-    assert combo_options(report["fine_tuned_file"]) == ["(none)", *dict.fromkeys(models)]
-    assert combo_options(report["lora_file"]) == ["(none)", *loader("LoraLoaderModelOnly", "lora_name")]
-    mistyped = replace_inputs(small_prompt(server, object_info, "finextract_dreambooth"),
-                              {"Audit report: FineXtract": {"pretrained_file": "base.safetensor"}})
+    for report_node in ("FineXtractAuditReportV2", "FineXtractAuditReport"):
+        report = object_info[report_node]["input"]["required"]
+        assert combo_options(report["pretrained_file"]) == ["(none)", *dict.fromkeys(models)]
+        assert combo_options(report["fine_tuned_file"]) == ["(none)", *dict.fromkeys(models)]
+        assert combo_options(report["lora_file"]) == ["(none)", *loader("LoraLoaderModelOnly", "lora_name")]
+    mistyped = {"Audit report: FineXtract": {"pretrained_file": "base.safetensor"}}
+    message = "pretrained_file 'base.safetensor' is not in models/{checkpoints,diffusion_models}: pick the file its " \
+              "loader shows"
     # Refused before anything runs (ComfyUI itself does not check V3 combo values), with what to do.
-    with pytest.raises(RuntimeError, match=r"400.*pretrained_file 'base.safetensor' is not in "
-                       r"models/\{checkpoints,diffusion_models\}: pick the file its loader shows"):
-        server.queue(mistyped)
+    with pytest.raises(RuntimeError, match="400.*" + re.escape(message)):
+        server.queue(replace_inputs(small_prompt(server, object_info, "finextract_dreambooth_one_batch"), mistyped))
+    # With the bank, an output node itself, ComfyUI runs the bank (its batches are kept for the next run) and names
+    # the report's error in its answer, as for any graph with several outputs.
+    answer = server.post("/prompt", {"prompt": replace_inputs(small_prompt(server, object_info,
+                                                                           "finextract_dreambooth"), mistyped),
+                                     "client_id": server.client_id})
+    (report_errors,) = [errors for errors in answer["node_errors"].values()
+                        if errors["class_type"] == "FineXtractAuditReportV2"]
+    assert message in json.dumps(report_errors)
+    entry = server.wait(answer["prompt_id"], timeout=300)
+    assert not [output for output in entry["outputs"].values() if "finextract_report" in output]
 
 
 def test_second_run_writes_identical_report(server, object_info):
+    """The bank-path audit twice from nothing (bank and report deleted, a fresh server): the same bytes."""
     name = "finextract_audit_my_images"
     _, (folder,) = run_small(server, object_info, name)
     first = {file: open(os.path.join(folder, file), "rb").read() for file in sorted(os.listdir(folder))}
-    for file in first:
-        os.remove(os.path.join(folder, file))
+    shutil.rmtree(folder)
+    shutil.rmtree(os.path.join(server.base, "output", "finextract", "lora_audit_bank"))
     # A second server on the same files: nothing can come from a cache, every node runs again. (Clearing the first
     # server's cache with /free races with the next prompt in ComfyUI's worker.)
     with ComfyServer(server.base, log_path=os.path.join(server.base, "comfyui-second-run.log")) as fresh:
@@ -223,13 +318,13 @@ async def browse_and_run(server, page, workflow: dict, prompt: dict, pack_nodes:
     assert queued == 200
     await page.wait_for(PANELS_READY, timeout=240)
     found["report_html"] = await page.evaluate(
-        "(() => { const n = app.graph._nodes.find((n) => n.type === 'FineXtractAuditReport'); "
+        "(() => { const n = app.graph._nodes.find((n) => n.type === 'FineXtractAuditReportV2'); "
         "return app.api.fetchApi('/view?' + new URLSearchParams({filename: 'report.html', "
         "subfolder: n.widgets.find((w) => w.name === 'folder_prefix').value, type: 'output'})).then((r) => r.text()); })()")
     # Frame the nodes that carry the panels, then keep the picture as a test artifact.
     await page.evaluate(
-        "(() => { const wanted = app.graph._nodes.filter((n) => ['FineXtractCliqueCluster', "
-        "'FineXtractExtractionMetrics', 'FineXtractAuditReport'].includes(n.type)); "
+        "(() => { const wanted = app.graph._nodes.filter((n) => ['FineXtractCliqueClusterV2', "
+        "'FineXtractExtractionMetrics', 'FineXtractAuditReportV2'].includes(n.type)); "
         "const xs = wanted.flatMap((n) => [n.pos[0], n.pos[0] + n.size[0]]); "
         "const ys = wanted.flatMap((n) => [n.pos[1] - 30, n.pos[1] + n.size[1]]); "
         "app.canvas.ds.fitToBounds([Math.min(...xs), Math.min(...ys), Math.max(...xs) - Math.min(...xs), "

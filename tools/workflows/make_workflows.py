@@ -3,48 +3,102 @@
 Widget order, defaults, output slots and link types come from the /object_info of a real ComfyUI server started
 here, so the files open as graphs exactly as ComfyUI would have saved them. Run after changing a spec or a node:
 
-    .host/venv/bin/python -m tools.workflows.make_workflows
+    .host/venv/bin/python -m tools.workflows.make_workflows [--out FOLDER]
+
+The templates use the Candidate Bank (batched, resumable); the ``_one_batch`` variants sample all N candidates in
+one batch. The paper's defaults and the SSCD file come from the pack's core, so they are written in one place.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
 import sys
 import tempfile
+from types import ModuleType
 
 from ..host.comfy_server import REPO_ROOT, ComfyServer
 from .workflow_api import is_widget, ordered_inputs, widget_value_count
 
 WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
-SSCD_FILE = "sscd_disc_large.torchscript.pt"
-SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_large.torchscript.pt"
 BASE_FILE = "v1-5-pruned-emaonly.safetensors"
 DREAMBOOTH_FILE = "my_dreambooth.safetensors"
 LORA_FILE = "my_lora.safetensors"
-NO_FILE = "(none)"  # the Audit Report's entry for a model file that has no role in the attack
 N0 = 10  # the fine-tuning set's size; the paper samples N = 50 x N0 candidates
+# Candidates per Candidate Bank batch: fits a 12 GB GPU for SD 1.x at 512 px (BANK_NOTE says why).
+BANK_BATCH = 8
 
-SSCD_NOTE = f"""SSCD FILE (needed by every 'SSCD Embed' node)
-Download {SSCD_URL}
+
+def core(name: str) -> ModuleType:
+    """A module of the pack's core, imported when the specs are built, in the generator's own process. (The tests and
+    the lab import this module for its file names inside processes where ComfyUI has loaded the pack, whose core must
+    then be the only copy; they never build the specs.)"""
+    return importlib.import_module(f"finextract_core.{name}")
+
+
+def guidance_settings(kind: str, mode: str) -> tuple[float, float]:
+    """(w', k): the paper's defaults for a DreamBooth or LoRA fine-tune; the cfg baseline's own w'."""
+    guidance = core("guidance")
+    defaults = guidance.DREAMBOOTH_DEFAULTS if kind == "dreambooth" else guidance.LORA_DEFAULTS
+    return (guidance.CFG_DEFAULT_SCALE if mode == "cfg" else defaults["scale"]), defaults["k"]
+
+
+def sscd_note() -> str:
+    sscd = core("sscd")
+    return f"""SSCD FILE (needed by the Candidate Bank and every 'SSCD Embed' node)
+Download {sscd.PAPER_MODEL_URL}
 into ComfyUI/models/sscd/ (create the folder), then press 'r' in the graph to refresh the lists.
 The file is read as weights only; no code in it is run."""
 
+
 OUTPUTS_NOTE = """WHAT THE OUTPUTS MEAN
-Clique Cluster picks N0 images, one per group of mutually similar candidates (biggest group first): those are the
-images the attack claims the model was fine-tuned on. The cluster size says how often the model produced that image.
+Clique Cluster groups the candidates into N0 groups of mutually similar images (biggest group first), and Extracted
+Images gives one image per group: those are the images the attack claims the model was fine-tuned on. The cluster
+size says how often the model produced that image.
 The Audit Report node writes report.html, summary.png, the extracted images and report.json (SHA-256 of the model
 files, every sampler setting, embedder, clustering) into output/<folder_prefix>/, and shows a link to the report.
 Re-running with the same inputs writes the same bytes. A similarity is not a proof of training-set membership."""
 
+BANK_NOTE = f"""CANDIDATE BANK: N = 50 x N0 = {50 * N0} CANDIDATES, {BANK_BATCH} AT A TIME, RESUMABLE
+The bank samples, decodes and embeds {BANK_BATCH} candidates at a time (batch_size) and keeps each finished batch in
+output/<bank_folder>/ (latents and embeddings; the images are dropped). Cancel, or lose ComfyUI, and queue again: only
+the missing candidates are made. Extracted Images decodes only the N0 extracted ones. Use one bank_folder per
+setting: a folder that holds a bank of other settings (another seed, caption, w', model) is refused, naming what
+differs.
+Why {BANK_BATCH} fits a 12 GB GPU for SD 1.x at 512 x 512: the weights take about 4.3 GB (two fp16 UNets of 860 M
+parameters for a DreamBooth pair, 3.4 GB; VAE, CLIP-L and SSCD disc_large 0.6 GB), and ComfyUI's own estimate of a
+UNet pass (comfy/model_base.py, memory_required) is about 82 MiB per 512 px candidate in fp16, 0.7 GB for {BANK_BATCH};
+ComfyUI splits the VAE decode to fit. That leaves room to spare (a LoRA needs one UNet). Not measured on a GPU by
+this project. On a larger GPU raise batch_size (faster); on an out-of-memory error lower it: it never changes the
+candidates."""
+
+ONE_BATCH_NOTE = f"""ONE BATCH: ALL N = 50 x N0 = {50 * N0} CANDIDATES AT ONCE
+The sampler, VAE Decode and SSCD Embed each take all N candidates in one batch: that needs a large GPU (the template
+without '_one_batch' uses the Candidate Bank and fits 12 GB). If it does not fit, lower the Empty Latent's batch_size
+(fewer candidates per image make the clusters less reliable), or use the Candidate Bank template."""
+
+
+DREAMBOOTH_INTRO = f"""FINEXTRACT ON A DREAMBOOTH CHECKPOINT
+Pretrained checkpoint: the model the fine-tune started from (for example {BASE_FILE}).
+Fine-tuned checkpoint: the DreamBooth checkpoint under audit (models/checkpoints).
+Training caption: the prompt it was fine-tuned with (for example 'sks style', 'a photo of sks dog').
+In the Audit Report node pick the same two files from its lists: it records their SHA-256."""
+LORA_INTRO = f"""FINEXTRACT ON A LORA
+Base checkpoint: the model the LoRA was trained on (for example {BASE_FILE}); it is the 'pretrained' model.
+LoRA under audit (models/loras): applied to the base, it is the 'fine-tuned' model. The sampler keeps the two
+branches apart although ComfyUI shares the base weights.
+Training caption: the LoRA's trigger prompt. Pick the base and LoRA files in the Audit Report node's lists."""
+
+
 
 def defaults_note(kind: str) -> str:
-    scale, k = ("3.0", "-0.02") if kind == "dreambooth" else ("5.0", "0.0")
+    scale, k = guidance_settings(kind, "finextract")
     return f"""PAPER DEFAULTS (FineXtract, ICML 2025)
 {kind}: w' (guidance_scale) = {scale}, k = {k}; DDIM, 50 steps, 512 x 512 for SD 1.x.
-N0 = the number of fine-tuning images (Clique Cluster n0); candidates N = 50 x N0 (Empty Latent batch_size).
-All N candidates are one batch: if they do not fit your GPU, lower batch_size (fewer candidates per image make the
-clusters less reliable). Over-saturated or speckled candidates: lower w'."""
+N0 = the number of fine-tuning images (Clique Cluster n0); candidates N = 50 x N0. Over-saturated or speckled
+candidates: lower w'."""
 
 
 def node(key: str, class_type: str, title: str, widgets: dict | None = None, **links: str) -> dict:
@@ -73,56 +127,96 @@ def lora_models() -> list[dict]:
 
 
 def model_files(kind: str) -> dict:
-    """The report's file-name widgets, matching the loaders above."""
+    """The report's file-name widgets matching the loaders above; the role without a file keeps the node's default,
+    (none)."""
     if kind == "dreambooth":
-        return {"pretrained_file": BASE_FILE, "fine_tuned_file": DREAMBOOTH_FILE, "lora_file": NO_FILE}
-    return {"pretrained_file": BASE_FILE, "fine_tuned_file": NO_FILE, "lora_file": LORA_FILE}
+        return {"pretrained_file": BASE_FILE, "fine_tuned_file": DREAMBOOTH_FILE}
+    return {"pretrained_file": BASE_FILE, "lora_file": LORA_FILE}
 
 
-def attack(kind: str, mode: str = "finextract", suffix: str = "", label: str = "FineXtract") -> list[dict]:
-    """Sampler -> decode -> SSCD -> clusters -> report for one guidance mode, on the nodes keyed pretrained,
-    fine_tuned, caption, empty and latent."""
-    scale, k = (3.0, -0.02) if kind == "dreambooth" else (5.0, 0.0)
-    if mode == "cfg":
-        scale = 3.0
+def guidance_widgets(kind: str, mode: str) -> dict:
+    scale, k = guidance_settings(kind, mode)
+    return {"mode": mode, "guidance_scale": scale, "k": k, "seed": 0, "steps": 50, "sampler_name": "ddim",
+            "scheduler": "ddim_uniform"}
+
+
+MODEL_LINKS = {"fine_tuned": "fine_tuned.MODEL", "pretrained": "pretrained.MODEL", "positive": "caption.CONDITIONING",
+               "negative": "empty.CONDITIONING", "latent_image": "latent.LATENT"}
+
+
+def extraction(kind: str, suffix: str, label: str, name: str, embeddings: str, run_settings: str,
+               **candidate_source: str) -> list[dict]:
+    """Clique Cluster -> Extracted Images -> Audit Report (into output/finextract/<name>), on candidates embedded at
+    ``embeddings`` and kept where ``candidate_source`` says (their images, or a bank and its VAE)."""
     return [
-        node(f"sample{suffix}", "FineXtractModelGuidanceSampler", f"Sampler: {label}",
-             {"mode": mode, "guidance_scale": scale, "k": k, "seed": 0, "steps": 50, "sampler_name": "ddim",
-              "scheduler": "ddim_uniform", "denoise": 1.0},
-             fine_tuned="fine_tuned.MODEL", pretrained="pretrained.MODEL", positive="caption.CONDITIONING",
-             negative="empty.CONDITIONING", latent_image="latent.LATENT"),
-        node(f"decode{suffix}", "VAEDecode", f"Decode: {label}", samples=f"sample{suffix}.LATENT", vae="pretrained.VAE"),
-        node(f"embed{suffix}", "FineXtractSSCDEmbed", f"SSCD embed: {label}", {"sscd_model": SSCD_FILE},
-             images=f"decode{suffix}.IMAGE"),
-        node(f"cluster{suffix}", "FineXtractCliqueCluster", f"Clique cluster: {label}", {"n0": N0},
-             candidates=f"decode{suffix}.IMAGE", embeddings=f"embed{suffix}.embeddings"),
-        node(f"report{suffix}", "FineXtractAuditReport", f"Audit report: {label}",
-             {"folder_prefix": f"finextract/{kind}{suffix}", **model_files(kind)},
-             extracted=f"cluster{suffix}.extracted", extracted_embeddings=f"cluster{suffix}.extracted_embeddings",
-             clusters_json=f"cluster{suffix}.clusters_json", run_settings=f"sample{suffix}.run_settings"),
+        node(f"cluster{suffix}", "FineXtractCliqueClusterV2", f"Clique cluster: {label}", {"n0": N0},
+             embeddings=embeddings),
+        node(f"extracted{suffix}", "FineXtractExtractedImages", f"Extracted images: {label}",
+             clusters=f"cluster{suffix}.clusters", **candidate_source),
+        node(f"report{suffix}", "FineXtractAuditReportV2", f"Audit report: {label}",
+             {"folder_prefix": f"finextract/{name}", **model_files(kind)},
+             extracted=f"extracted{suffix}.extracted", clusters=f"cluster{suffix}.clusters",
+             run_settings=run_settings),
     ]
 
 
-def candidates() -> dict:
+def bank_attack(kind: str, mode: str = "finextract", suffix: str = "", label: str = "FineXtract",
+                name: str | None = None) -> list[dict]:
+    """Candidate Bank -> clusters -> the extracted images decoded from the bank -> report, for one guidance mode, on
+    the nodes keyed pretrained, fine_tuned, caption, empty and latent. The bank and the report go to
+    output/finextract/<name>_bank and <name> (name: the kind and the suffix)."""
+    bank, name = f"bank{suffix}", name or f"{kind}{suffix}"
+    return [
+        node(bank, "FineXtractCandidateBank", f"Candidate bank: {label}",
+             {**guidance_widgets(kind, mode), "sscd_model": core("sscd").PAPER_MODEL_FILE, "preset": "paper",
+              "num_candidates": 50 * N0, "first_candidate": 0, "batch_size": BANK_BATCH,
+              "bank_folder": f"finextract/{name}_bank"},
+             **MODEL_LINKS, vae="pretrained.VAE"),
+        *extraction(kind, suffix, label, name, f"{bank}.embeddings", f"{bank}.run_settings", bank=f"{bank}.bank",
+                    vae="pretrained.VAE"),
+    ]
+
+
+def one_batch_attack(kind: str) -> list[dict]:
+    """Sampler -> decode -> SSCD -> clusters -> the extracted images taken from the batch -> report (into
+    output/finextract/<kind>_one_batch)."""
+    return [
+        node("sample", "FineXtractModelGuidanceSampler", "Sampler: FineXtract",
+             {**guidance_widgets(kind, "finextract"), "denoise": 1.0}, **MODEL_LINKS),
+        node("decode", "VAEDecode", "Decode: FineXtract", samples="sample.LATENT", vae="pretrained.VAE"),
+        node("embed", "FineXtractSSCDEmbed", "SSCD embed: FineXtract", {"sscd_model": core("sscd").PAPER_MODEL_FILE},
+             images="decode.IMAGE"),
+        *extraction(kind, "", "FineXtract", f"{kind}_one_batch", "embed.embeddings", "sample.run_settings",
+                    candidates="decode.IMAGE"),
+    ]
+
+
+def candidate_size() -> dict:
+    return node("latent", "EmptyLatentImage", "Candidate size (its batch size is not used)",
+                {"width": 512, "height": 512, "batch_size": 1})
+
+
+def one_batch() -> dict:
     return node("latent", "EmptyLatentImage", "Candidates: N = 50 x N0",
                 {"width": 512, "height": 512, "batch_size": 50 * N0})
 
 
 def with_references(kind: str) -> list[dict]:
-    """The attack plus the user's own images: metrics against them, and a report that shows both side by side."""
-    nodes = [*(dreambooth_models() if kind == "dreambooth" else lora_models()), candidates(), *attack(kind)]
+    """The bank attack plus the user's own images: metrics against them, and a report that shows both side by
+    side."""
+    nodes = [*(dreambooth_models() if kind == "dreambooth" else lora_models()), candidate_size(),
+             *bank_attack(kind, name=f"{kind}_audit")]
     report = nodes[-1]
-    report["widgets"]["folder_prefix"] = f"finextract/{kind}_audit"
-    report["links"].update(references="references.images", metrics_json="metrics.metrics_json",
+    report["links"].update(references="references.images", scores="metrics.scores",
                            reference_names="references.file_names")
     return nodes + [
         node("references", "FineXtractLoadReferenceImages", "My reference images",
              {"folder": "/full/path/to/my/images", "size": 512}),
-        node("reference_embed", "FineXtractSSCDEmbed", "SSCD embed: my images", {"sscd_model": SSCD_FILE},
-             images="references.images"),
+        node("reference_embed", "FineXtractSSCDEmbed", "SSCD embed: my images",
+             {"sscd_model": core("sscd").PAPER_MODEL_FILE}, images="references.images"),
         node("metrics", "FineXtractExtractionMetrics", "Extraction metrics",
              references="references.images", reference_embeddings="reference_embed.embeddings",
-             extracted="cluster.extracted", extracted_embeddings="cluster.extracted_embeddings"),
+             extracted="extracted.extracted", extracted_embeddings="extracted.extracted_embeddings"),
     ]
 
 
@@ -136,67 +230,66 @@ def recovered_caption() -> list[dict]:
         node("caption", "CLIPTextEncode", "Recovered caption", {"text": ""}, clip="fine_tuned.CLIP",
              text="inverter.caption"),
     ]
-    nodes += [candidates(), *attack("dreambooth")]
-    nodes[-1]["widgets"]["folder_prefix"] = "finextract/dreambooth_recovered_caption"
-    return nodes
+    return [*nodes, candidate_size(), *bank_attack("dreambooth", name="dreambooth_recovered_caption")]
 
 
-SPECS = {
-    "finextract_dreambooth": {
-        "notes": [f"""FINEXTRACT ON A DREAMBOOTH CHECKPOINT
-Pretrained checkpoint: the model the fine-tune started from (for example {BASE_FILE}).
-Fine-tuned checkpoint: the DreamBooth checkpoint under audit (models/checkpoints).
-Training caption: the prompt it was fine-tuned with (for example 'sks style', 'a photo of sks dog').
-In the Audit Report node pick the same two files from its lists: it records their SHA-256.""",
-                  defaults_note("dreambooth"), SSCD_NOTE, OUTPUTS_NOTE],
-        "nodes": [*dreambooth_models(), candidates(), *attack("dreambooth")],
-    },
-    "finextract_lora": {
-        "notes": [f"""FINEXTRACT ON A LORA
-Base checkpoint: the model the LoRA was trained on (for example {BASE_FILE}); it is the 'pretrained' model.
-LoRA under audit (models/loras): applied to the base, it is the 'fine-tuned' model. The sampler keeps the two
-branches apart although ComfyUI shares the base weights.
-Training caption: the LoRA's trigger prompt. Pick the base and LoRA files in the Audit Report node's lists.""",
-                  defaults_note("lora"), SSCD_NOTE, OUTPUTS_NOTE],
-        "nodes": [*lora_models(), candidates(), *attack("lora")],
-    },
-    "finextract_vs_baselines": {
-        "notes": ["""FINEXTRACT AND ITS BASELINES, SIDE BY SIDE
-Three samplers on the same models, candidates and seed: FineXtract (w' = 3.0, k = -0.02), CFG on the fine-tuned
-model (w' = 3.0) and direct text-to-image (the caption alone). Each gets its own clusters and report
-(output/finextract/dreambooth_<mode>/). With references, add Extraction Metrics per branch (see the audit workflow):
-the paper finds FineXtract's clusters closer to the training images than either baseline's.""",
-                  defaults_note("dreambooth"), SSCD_NOTE, OUTPUTS_NOTE],
-        "nodes": [*dreambooth_models(), candidates(),
-                  *attack("dreambooth", "finextract", "_finextract", "FineXtract"),
-                  *attack("dreambooth", "cfg", "_cfg", "CFG baseline"),
-                  *attack("dreambooth", "direct", "_direct", "direct baseline")],
-    },
-    "finextract_recover_caption": {
-        "notes": ["""FINEXTRACT WHEN THE TRAINING CAPTION IS UNKNOWN
+def attack_spec(kind: str, variant: str) -> dict:
+    """The DreamBooth or LoRA attack through the Candidate Bank (variant "") or in one batch ("_one_batch")."""
+    models = dreambooth_models() if kind == "dreambooth" else lora_models()
+    intro = DREAMBOOTH_INTRO if kind == "dreambooth" else LORA_INTRO
+    if variant == "_one_batch":
+        return {"notes": [intro, ONE_BATCH_NOTE, defaults_note(kind), sscd_note(), OUTPUTS_NOTE],
+                "nodes": [*models, one_batch(), *one_batch_attack(kind)]}
+    return {"notes": [intro, BANK_NOTE, defaults_note(kind), sscd_note(), OUTPUTS_NOTE],
+            "nodes": [*models, candidate_size(), *bank_attack(kind)]}
+
+
+def specs() -> dict[str, dict]:
+    """Every workflow: its notes (top left, in order) and its nodes."""
+    cfg_scale, _ = guidance_settings("dreambooth", "cfg")
+    scale, k = guidance_settings("dreambooth", "finextract")
+    loose, strict = core("metrics").DEFAULT_ESR_THRESHOLDS
+    return {
+        **{f"finextract_{kind}{variant}": attack_spec(kind, variant) for variant in ("", "_one_batch")
+           for kind in ("dreambooth", "lora")},
+        "finextract_vs_baselines": {
+            "notes": [f"""FINEXTRACT AND ITS BASELINES, SIDE BY SIDE
+Three candidate banks on the same models, candidate size and seed: FineXtract (w' = {scale}, k = {k}), CFG on the
+fine-tuned model (w' = {cfg_scale}) and direct text-to-image (the caption alone). Each gets its own bank, clusters and
+report (output/finextract/dreambooth_<mode>/). With references, add Extraction Metrics per branch (see the audit
+workflow): the paper finds FineXtract's clusters closer to the training images than either baseline's.""",
+                      BANK_NOTE, defaults_note("dreambooth"), sscd_note(), OUTPUTS_NOTE],
+            "nodes": [*dreambooth_models(), candidate_size(),
+                      *bank_attack("dreambooth", "finextract", "_finextract", "FineXtract"),
+                      *bank_attack("dreambooth", "cfg", "_cfg", "CFG baseline"),
+                      *bank_attack("dreambooth", "direct", "_direct", "direct baseline")],
+        },
+        "finextract_recover_caption": {
+            "notes": ["""FINEXTRACT WHEN THE TRAINING CAPTION IS UNKNOWN
 The paper's Appendix A: Caption Inverter reads how the fine-tune changed the cross-attention key/value projections
 and searches the prompt those changes answer to most. Its caption feeds the 'Recovered caption' encoder, then the
 attack runs as in 'finextract_dreambooth'. It recovers words (a rare identifier such as 'sks', a subject), not the
 exact caption: read its ranked captions and tokens (shown on the node) and, if you recognise a better prompt, type
-it into a CLIPTextEncode instead. For a LoRA: load the base in both roles and put LoraLoaderModelOnly on the
-fine-tuned side, as in 'finextract_lora'.
+it into a CLIPTextEncode instead (and give the bank a new bank_folder: its candidates depend on the caption). For a
+LoRA: load the base in both roles and put LoraLoaderModelOnly on the fine-tuned side, as in 'finextract_lora'.
 Caption Inverter defaults: max_words 3 (the paper: 3 and 7), iterations 1000 per restart (the paper), 4 restarts;
 measured 0.5-1.9 s per iteration for SD 1.x's CLIP-L on a busy 2-core CPU (minutes to half an hour for 1000),
 far faster on a GPU. Same seed, same caption.""",
-                  defaults_note("dreambooth"), SSCD_NOTE, OUTPUTS_NOTE],
-        "nodes": recovered_caption(),
-    },
-    "finextract_audit_my_images": {
-        "notes": ["""AUDIT A LORA AGAINST MY OWN IMAGES
+                      BANK_NOTE, defaults_note("dreambooth"), sscd_note(), OUTPUTS_NOTE],
+            "nodes": recovered_caption(),
+        },
+        "finextract_audit_my_images": {
+            "notes": [f"""AUDIT A LORA AGAINST MY OWN IMAGES
 My reference images: the full path of a folder with your images (png, jpg, webp); each is centre-cropped square.
 The LoRA attack runs as in 'finextract_lora'; Extraction Metrics then finds, for each of your images, the closest
 extracted image. AS = mean of those best SSCD similarities; A-ESR = share of your images whose best similarity
-exceeds 0.6 (loose) or 0.7 (strict), the paper's thresholds. The report puts each of your images beside its match.
-For a DreamBooth checkpoint, replace the LoRA loader by a second checkpoint loader (see 'finextract_dreambooth').""",
-                  defaults_note("lora"), SSCD_NOTE, OUTPUTS_NOTE],
-        "nodes": with_references("lora"),
-    },
-}
+exceeds {loose} (loose) or {strict} (strict), the paper's thresholds. The report puts each of your images beside its
+match. For a DreamBooth checkpoint, replace the LoRA loader by a second checkpoint loader (see
+'finextract_dreambooth').""",
+                      BANK_NOTE, defaults_note("lora"), sscd_note(), OUTPUTS_NOTE],
+            "nodes": with_references("lora"),
+        },
+    }
 
 
 def _depths(spec_nodes: list[dict]) -> dict[str, int]:
@@ -292,16 +385,19 @@ def build_workflow(spec: dict, object_info: dict) -> dict:
             "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [40, 40]}}, "version": 0.4}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=WORKFLOWS_DIR, help="folder to write the workflows into")
+    out = parser.parse_args(argv).out
     with tempfile.TemporaryDirectory() as base, ComfyServer(base, lab=False) as server:
         object_info = server.get("/object_info")
-    os.makedirs(WORKFLOWS_DIR, exist_ok=True)
-    for name, spec in SPECS.items():
-        path = os.path.join(WORKFLOWS_DIR, f"{name}.json")
+    os.makedirs(out, exist_ok=True)
+    for name, spec in specs().items():
+        path = os.path.join(out, f"{name}.json")
         with open(path, "w") as f:
             json.dump(build_workflow(spec, object_info), f, indent=2)
             f.write("\n")
-        print(f"wrote {os.path.relpath(path, REPO_ROOT)}")
+        print(f"wrote {path}")
     return 0
 
 
