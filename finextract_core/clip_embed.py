@@ -1,6 +1,7 @@
 """CLIP image embeddings through open-clip-torch, as an alternative to SSCD, in the same EMBEDDINGS type.
 
-Weights come only from a local file the user placed (``pretrained=<path>``; open_clip reads safetensors, or
+open-clip-torch is optional: it is imported only when a CLIP embedder is built, and its absence is a clear error
+there. Weights come only from a local file the user placed (``pretrained=<path>``; open_clip reads safetensors, or
 ``torch.load(weights_only=True)``); nothing is downloaded. With a file path open_clip does not know which pretrained
 tag the file came from, so the tag's settings must be passed: ``quick_gelu=True`` for OpenAI's original weights,
 and ``mean``/``std`` when they differ from the architecture's default (OpenAI statistics).
@@ -71,7 +72,12 @@ def load_clip_embedder(architecture: str, weights_path: str | None, *, quick_gel
     ``weights_path=None`` gives random weights (tests only). The model id is ``open_clip:<arch>:<sha256[:12]>`` of
     the file, so two different weight files never compare silently.
     """
-    import open_clip  # imported here: building the SSCD path must not need open_clip
+    try:
+        import open_clip  # optional (pyproject's "clip" extra): only CLIP Embed needs it
+    except ImportError as error:
+        raise ImportError("CLIP Embed needs the optional package open-clip-torch, which is not installed: install it "
+                          "into ComfyUI's Python (python -m pip install \"open-clip-torch>=2.24\") and restart ComfyUI. "
+                          "SSCD Embed and the rest of FineXtract work without it.") from error
 
     if architecture not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {architecture!r}; e.g. ViT-B-32, ViT-L-14, RN50")

@@ -1,5 +1,7 @@
-"""CLIP embedder through open_clip with random weights (no network): file loading, preprocessing, provenance."""
+"""CLIP embedder through open_clip with random weights (no network): file loading, preprocessing, provenance, and
+the message when open_clip is not installed."""
 import json
+import sys
 
 import numpy as np
 import open_clip
@@ -64,3 +66,9 @@ def test_clip_embedder_random_weights_and_errors(tiny_architecture, tmp_path):
         clip_embed.load_clip_embedder("no-such-arch", None)
     with pytest.raises(ValueError, match="only used on CUDA"):
         clip_embed.embed_images_clip(embedder, torch.rand(1, 64, 64, 3), dtype=torch.float16)
+
+
+def test_without_open_clip_the_message_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an absent package looks like to import
+    with pytest.raises(ImportError, match=r"needs the optional package open-clip-torch.*pip install.*restart ComfyUI"):
+        clip_embed.load_clip_embedder("ViT-B-32", None)

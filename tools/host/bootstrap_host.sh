@@ -51,7 +51,8 @@ PYEOF
   fi
 fi
 
-"$PY" -m pip install -q -r "$ROOT/requirements.txt" pytest
+# The pack's requirements, and what the tests and the lint add (pytest, ruff, networkx, open-clip-torch).
+"$PY" -m pip install -q -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
 
 # Headless Chromium for the front-end test (Debian's packages); without it that one test is skipped.
 if ! command -v chromium >/dev/null 2>&1; then
