@@ -135,9 +135,10 @@ def model_files(kind: str) -> dict:
 
 
 def guidance_widgets(kind: str, mode: str) -> dict:
+    """The guidance of a sampler or bank; its other widgets keep the node's defaults (seed 0, the paper's 50 DDIM
+    steps)."""
     scale, k = guidance_settings(kind, mode)
-    return {"mode": mode, "guidance_scale": scale, "k": k, "seed": 0, "steps": 50, "sampler_name": "ddim",
-            "scheduler": "ddim_uniform"}
+    return {"mode": mode, "guidance_scale": scale, "k": k}
 
 
 MODEL_LINKS = {"fine_tuned": "fine_tuned.MODEL", "pretrained": "pretrained.MODEL", "positive": "caption.CONDITIONING",
@@ -168,9 +169,8 @@ def bank_attack(kind: str, mode: str = "finextract", suffix: str = "", label: st
     bank, name = f"bank{suffix}", name or f"{kind}{suffix}"
     return [
         node(bank, "FineXtractCandidateBank", f"Candidate bank: {label}",
-             {**guidance_widgets(kind, mode), "sscd_model": core("sscd").PAPER_MODEL_FILE, "preset": "paper",
-              "num_candidates": 50 * N0, "first_candidate": 0, "batch_size": BANK_BATCH,
-              "bank_folder": f"finextract/{name}_bank"},
+             {**guidance_widgets(kind, mode), "sscd_model": core("sscd").PAPER_MODEL_FILE, "num_candidates": 50 * N0,
+              "batch_size": BANK_BATCH, "bank_folder": f"finextract/{name}_bank"},
              **MODEL_LINKS, vae="pretrained.VAE"),
         *extraction(kind, suffix, label, name, f"{bank}.embeddings", f"{bank}.run_settings", bank=f"{bank}.bank",
                     vae="pretrained.VAE"),
@@ -182,7 +182,7 @@ def one_batch_attack(kind: str) -> list[dict]:
     output/finextract/<kind>_one_batch)."""
     return [
         node("sample", "FineXtractModelGuidanceSampler", "Sampler: FineXtract",
-             {**guidance_widgets(kind, "finextract"), "denoise": 1.0}, **MODEL_LINKS),
+             guidance_widgets(kind, "finextract"), **MODEL_LINKS),
         node("decode", "VAEDecode", "Decode: FineXtract", samples="sample.LATENT", vae="pretrained.VAE"),
         node("embed", "FineXtractSSCDEmbed", "SSCD embed: FineXtract", {"sscd_model": core("sscd").PAPER_MODEL_FILE},
              images="decode.IMAGE"),
