@@ -1,4 +1,4 @@
-"""FineXtract's algorithms in plain PyTorch / NumPy / networkx.
+"""FineXtract's algorithms in plain PyTorch / NumPy / SciPy.
 
 Nothing here imports ComfyUI: the pack's nodes (``nodes/``) adapt ComfyUI types to these functions, and the
 functions are tested on their own.

@@ -59,7 +59,7 @@ class ExtractionMetrics(io.ComfyNode):
                 io.Float.Output(display_name="A_ESR_loose"),
                 io.Float.Output(display_name="A_ESR_strict"),
                 io.String.Output(display_name="table_csv"),
-                io.String.Output(display_name="metrics_json"),
+                io.String.Output(display_name="metrics_json", tooltip="The scores as JSON, to read."),
                 io.Image.Output(display_name="grid"),
                 EXTRACTION_SCORES.Output(display_name="scores", tooltip="The scores, for the Audit Report."),
             ],

@@ -108,13 +108,13 @@ def test_sampler_node_reports_its_settings(host):
 
     sampler = host.nodes.NODE_CLASS_MAPPINGS["FineXtractModelGuidanceSampler"]
     context = [[torch.zeros(1, 1, 8), {}]]
-    latent, settings = sampler.execute(closed_form_model(LAMBDA), closed_form_model(0.0), context, context,
-                                       "finextract", 4.0, -0.02, {"samples": torch.zeros(3, *LATENT)}, 5, 6,
-                                       "euler", "karras", 1.0).args
+    latent, settings_json, settings = sampler.execute(
+        closed_form_model(LAMBDA), closed_form_model(0.0), context, context, "finextract", 4.0, -0.02,
+        {"samples": torch.zeros(3, *LATENT)}, 5, 6, "euler", "karras", 1.0).args
     assert latent["samples"].shape == (3, *LATENT)
-    assert json.loads(settings) == {
+    assert json.loads(settings_json) == settings.to_dict() == {
         "mode": "finextract", "guidance_scale": 4.0, "k": -0.02, "seed": 5, "steps": 6, "sampler": "euler",
-        "scheduler": "karras", "denoise": 1.0, "candidates": 3, "latent_shape": list(LATENT),
-        "model_family": "ToyConfig (BaseModel, latent LatentFormat)", "fine_tune": "separate checkpoints",
-        "pack_version": host.module("finextract_core").__version__,
+        "scheduler": "karras", "denoise": 1.0, "candidates": 3, "first_candidate": 0, "noise": "ksampler-batch",
+        "latent_shape": list(LATENT), "model_family": "ToyConfig (BaseModel, latent LatentFormat)",
+        "fine_tune": "separate checkpoints", "pack_version": host.module("finextract_core").__version__,
     }
