@@ -76,8 +76,8 @@ def load_clip_embedder(architecture: str, weights_path: str | None, *, quick_gel
         import open_clip  # optional (pyproject's "clip" extra): only CLIP Embed needs it
     except ImportError as error:
         raise ImportError("CLIP Embed needs the optional package open-clip-torch, which is not installed: install it "
-                          "into ComfyUI's Python (python -m pip install \"open-clip-torch>=2.24\") and restart ComfyUI. "
-                          "SSCD Embed and the rest of FineXtract work without it.") from error
+                          "into ComfyUI's Python (python -m pip install \"open-clip-torch>=2.24\") and restart "
+                          "ComfyUI. SSCD Embed and the rest of FineXtract work without it.") from error
 
     if architecture not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {architecture!r}; e.g. ViT-B-32, ViT-L-14, RN50")

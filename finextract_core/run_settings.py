@@ -50,6 +50,6 @@ class RunSettings:
     def candidate_key(self) -> dict:
         """The settings on which each candidate depends, under the names a candidate bank's key gives them (its
         "scheme" is the noise)."""
-        return {"scheme": self.noise, "mode": self.mode, "guidance_scale": self.guidance_scale, "k": self.k, "seed": self.seed,
-                "steps": self.steps, "sampler": self.sampler, "scheduler": self.scheduler,
+        return {"scheme": self.noise, "mode": self.mode, "guidance_scale": self.guidance_scale, "k": self.k,
+                "seed": self.seed, "steps": self.steps, "sampler": self.sampler, "scheduler": self.scheduler,
                 "latent_shape": list(self.latent_shape)}

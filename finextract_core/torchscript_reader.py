@@ -58,7 +58,8 @@ class _TorchScriptArchive:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if len(raw) < numel * itemsize:
             raise ValueError(f"tensor storage {key} is truncated")
-        flat = torch.frombuffer(bytearray(raw[: numel * itemsize]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        flat = (torch.frombuffer(bytearray(raw[: numel * itemsize]), dtype=dtype) if numel
+                else torch.empty(0, dtype=dtype))
         return torch.as_strided(flat, size, stride, offset).clone()
 
     def _reduce(self, func: Any, args: tuple) -> Any:

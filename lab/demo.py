@@ -5,7 +5,8 @@ ComfyUI server, extracting the world's fine-tuning images.
    (lab/world): a 32x32 text-to-image diffusion model pretrained on procedural images, fine-tuned
    DreamBooth-style and with a LoRA on N0 real photos from scikit-image's sample images, captioned "a sks photo".
 2. Starts ComfyUI headless on 127.0.0.1 and converts workflows/finextract_dreambooth_one_batch.json and
-   workflows/finextract_lora_one_batch.json to API form, with the world's nodes swapped in: World Loader for the checkpoint
+   workflows/finextract_lora_one_batch.json to API form, with the world's nodes swapped in: World Loader for the
+   checkpoint
    loaders, World Text Encode for CLIPTextEncode, World Decode for VAEDecode, World Embed for SSCD Embed (SSCD is
    meaningless at 32x32). The LoRA goes through ComfyUI's own LoraLoaderModelOnly. Extraction Metrics against the
    fine-tuning images is added, so each audit report scores what was extracted.

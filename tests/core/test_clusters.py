@@ -23,7 +23,8 @@ def test_extracted_embeddings_are_the_centres_rows():
     assert sorted(any(set(members) <= group for group in groups) for members in clusters.result.members) == [True] * 2
     assert clusters.centres == clusters.result.centres
     extracted = clusters.extracted_embeddings()
-    assert (extracted.vectors == embeddings.vectors[list(clusters.centres)]).all() and extracted.space == "m/preset paper"
+    assert (extracted.vectors == embeddings.vectors[list(clusters.centres)]).all()
+    assert extracted.space == "m/preset paper"
     with pytest.raises(ValueError, match="clusters of 5 candidates cannot come with 2 embeddings"):
         CandidateClusters(clusters.result, embeddings.subset([0, 1]))
 

@@ -118,7 +118,8 @@ def test_shards_of_index_ranges_merge_into_one_run(setup, reference):
     shards = shard_count(merged)
     embeddings, _ = make_bank(setup, "merged")
     assert shard_count(merged) == shards
-    assert (embeddings.vectors[:2] == first_half.vectors).all() and (embeddings.vectors[2:] == second_half.vectors).all()
+    assert (embeddings.vectors[:2] == first_half.vectors).all()
+    assert (embeddings.vectors[2:] == second_half.vectors).all()
 
 
 def test_extracted_images_decode_only_the_centres(setup, reference):
@@ -126,7 +127,8 @@ def test_extracted_images_decode_only_the_centres(setup, reference):
     _, embeddings, rows = reference
     every = nodes["FineXtractDecodeBankCandidates"].execute(rows, vae, ", ".join(str(i) for i in range(COUNT))).args[0]
     assert every.shape == (COUNT, 64, 64, 3)
-    decoded = nodes["VAEDecode"]().decode(vae, {"samples": CandidateBank.read(reference[0]).latents(list(range(COUNT)))})
+    latents = CandidateBank.read(reference[0]).latents(list(range(COUNT)))
+    decoded = nodes["VAEDecode"]().decode(vae, {"samples": latents})
     assert torch.equal(every, decoded[0]), "a bank candidate decodes to the VAE's image of its stored latent"
     clusters, _, clusters_json = nodes["FineXtractCliqueClusterV2"].execute(embeddings, 2, "paper", 1).args
     images = nodes["FineXtractExtractedImages"]
@@ -214,7 +216,8 @@ def test_a_corrupt_or_foreign_shard_is_named(setup, reference):
     make_bank(setup, "corrupt", **corrupt)  # only the deleted candidate is made again
     assert shard_count(str(folder)) == 2
     foreign = sorted(name for name in os.listdir(reference[0]) if name.startswith("candidates-"))[0]
-    (folder / "candidates-00000099-0004.safetensors").write_bytes((setup["folder"] / "reference" / foreign).read_bytes())
+    foreign_bytes = (setup["folder"] / "reference" / foreign).read_bytes()
+    (folder / "candidates-00000099-0004.safetensors").write_bytes(foreign_bytes)
     with pytest.raises(bank_module.BankError, match="belongs to another bank"):
         make_bank(setup, "corrupt", **corrupt)
 

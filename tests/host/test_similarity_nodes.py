@@ -1,8 +1,10 @@
-"""SSCDEmbed -> CliqueCluster -> ExtractionMetrics as ComfyUI nodes, on planted candidates with a real weight file.
+"""SSCD Embed -> Clique Cluster -> Extracted Images -> Extraction Metrics as ComfyUI nodes, on planted candidates with
+a real weight file.
 
 The SSCD file is the demo's ResNet50 SSCD with seeded random weights (projection centred, see
-stand_in_models.centred_random_sscd) saved as safetensors in a folder registered under models/sscd; planted candidates are two unmistakable prototype images, each repeated with small
-pixel noise, so the ground truth (which candidate belongs to which prototype) is known. How well the clustering
+stand_in_models.centred_random_sscd) saved as safetensors in a folder registered under models/sscd; planted candidates
+are two unmistakable prototype images, each repeated with small pixel noise, so the ground truth (which candidate
+belongs to which prototype) is known. How well the clustering
 separates harder cases is tested on planted vectors in tests/core; here the nodes' wiring is under test.
 """
 
