@@ -312,9 +312,8 @@ class _Reader:
             self.problems.append(Problem(", ".join(lead.source for lead in known), "the metadata keys name different "
                                          "families (" + ", ".join(f"{l.source} = {l.raw}" for l in known) + ")"))
         if tensors is not None:
-            covered = TENSOR_FAMILY_COVERS.get(tensors.value, {tensors.value})
             for lead in known:
-                if lead.value not in covered:
+                if not families_agree(tensors.value, lead.value):
                     self.problems.append(Problem(lead.source, (
                         f"claims {FAMILY_NAMES.get(lead.value, lead.value)} ({lead.raw}) but the tensors show "
                         f"{FAMILY_NAMES.get(tensors.value, tensors.value)} ({tensors.note}): the metadata is wrong or "
@@ -558,6 +557,12 @@ class _Reader:
                 hints.append(Lead(text[:MAX_HINT_CHARS], key,
                                   note="cut short" if len(text) > MAX_HINT_CHARS else None))
         return hints
+
+
+def families_agree(first: str, second: str) -> bool:
+    """Whether two family ids can be the same model family (the tensors show SDXL for SSD-1B too)."""
+    return first == second or second in TENSOR_FAMILY_COVERS.get(first, ()) or first in TENSOR_FAMILY_COVERS.get(
+        second, ())
 
 
 def _architecture_family(base_architecture: str) -> tuple[str, str | None]:

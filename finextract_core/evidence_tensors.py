@@ -10,7 +10,7 @@ check on what the metadata claims. Read here:
 - the family: Flux from ``double_blocks`` / ``single_blocks`` (``single_transformer_blocks`` in diffusers names),
   SD 3 from ``joint_blocks``, SDXL from its second text encoder (``lora_te2_*``, ``text_encoder_2.``,
   ``conditioner.embedders.1``), and the UNet families from the width of the text context that cross-attention reads
-  (the input width of ``attn2.to_k``): 768 for SD 1.x (CLIP ViT-L), 1024 for SD 2.x (OpenCLIP ViT-H), 2048 for
+  (the input width of ``attn2.to_k`` and ``attn2.to_v``): 768 for SD 1.x (CLIP ViT-L), 1024 for SD 2.x (OpenCLIP ViT-H), 2048 for
   SDXL (CLIP-L and bigG side by side), 1280 for the SDXL refiner (bigG alone).
 """
 
@@ -39,7 +39,7 @@ TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lor
                          "text_encoder_2.", "text_encoders.")
 
 CONTEXT_WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 1280: "sdxl-refiner", 2048: "sdxl"}
-CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_k")
+CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_[kv]")  # k and v read the text context
 
 
 @dataclass(frozen=True)
@@ -116,21 +116,21 @@ def read_family(shapes: dict[str, tuple[int, ...]]) -> tuple[TensorReading | Non
         marked = next((k for k in keys if any(m in k for m in markers)), None)
         if marked:
             return TensorReading(family, "tensors", f"{family} block names ({marked})"), []
-    widths: dict[int, str] = {}
+    widths: dict[int, list[str]] = {}  # context width -> the cross-attention tensors that read it
     for key in keys:
         shape = shapes[key]
-        if not CROSS_ATTENTION_KEY.search(key) or len(shape) < 2:
-            continue
-        if key.endswith(INPUT_SIDE_SUFFIXES) or key.endswith("to_k.weight"):
-            widths.setdefault(shape[1], key)
+        if CROSS_ATTENTION_KEY.search(key) and len(shape) >= 2 and key.endswith((*INPUT_SIDE_SUFFIXES, "to_k.weight", "to_v.weight")):
+            widths.setdefault(shape[1], []).append(key)
     second_encoder = next((k for k in keys if k.startswith(("lora_te2_", "text_encoder_2.", "conditioner.embedders.1."))),
                           None)
     problems = []
     if len(widths) > 1:
         problems.append("cross-attention layers read text contexts of different widths ("
-                        + ", ".join(f"{w} in {k}" for w, k in sorted(widths.items())) + "): a merge of two families?")
+                        + ", ".join(f"{w} in {len(k)} tensor(s) such as {k[0]}" for w, k in sorted(widths.items()))
+                        + "): a merge of two families? The width most layers read is used")
     if widths:
-        width, key = min(widths.items(), key=lambda item: item[1])
+        width, tensors = min(widths.items(), key=lambda item: (-len(item[1]), item[0]))
+        key = tensors[0]
         family = CONTEXT_WIDTH_FAMILIES.get(width)
         if family is None:
             return None, problems + [f"cross-attention reads a text context {width} wide ({_describe(key, shapes)}), "

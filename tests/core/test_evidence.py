@@ -347,3 +347,14 @@ def test_reader_never_loads_tensors(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert read_evidence(path).family.value == "sd1"
+
+
+def test_tensors_that_contradict_themselves_are_reported(tmp_path):
+    """A merge of an SD 1.x LoRA with an SDXL layer: the family most cross-attention layers read, and the mix named."""
+    layers = {**tf.SD1_KOHYA_LAYERS,
+              "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": tf.SDXL_KOHYA_LAYERS[
+                  "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]}
+    evidence = read_evidence(tf.write(tmp_path / "merge.safetensors", tf.lora_tensors(layers, 4, "kohya", 1), None))
+    assert evidence.family.value == "sd1"  # two layers (to_k, to_v) read 768, one reads 2048
+    [problem] = evidence.problems
+    assert problem.source == "tensors" and "768 in 2 tensor(s)" in problem.message and "2048 in 1" in problem.message
