@@ -66,7 +66,8 @@ BASE_MODEL_VERSIONS = {
 # modelspec.architecture before its "/<adapter>": kohya's sai_model_spec ARCH_* ids and SimpleTuner's
 # "<model_family>-<flavour>"; the longest matching prefix wins.
 ARCHITECTURE_PREFIXES = {
-    "stable-diffusion-v1": ("sd1", None), "stable-diffusion-v2-768-v": ("sd2", "v"), "stable-diffusion-v2": ("sd2", None),
+    "stable-diffusion-v1": ("sd1", None), "stable-diffusion-v2-768-v": ("sd2", "v"),
+    "stable-diffusion-v2": ("sd2", None),
     "stable-diffusion-xl-v1-refiner": ("sdxl-refiner", None), "stable-diffusion-xl": ("sdxl", None),
     "stable-diffusion-3": ("sd3", None), "flux-1": ("flux", None), "chroma": ("chroma", None),
     "lumina": ("lumina2", None), "hunyuan-image": ("hunyuan-image", None),
@@ -81,8 +82,8 @@ KOHYA_SUBSET = re.compile(r"^(\d+)_(.+)$")  # kohya's DreamBooth folder "<repeat
 REPEATED_DIR = re.compile(r"^(.*) \(\d+\)$")  # kohya's name for a folder used a second time: "<dir> (2)"
 HINT_KEYS = ("ss_output_name", "ss_training_comment", "modelspec.title", "modelspec.description",
              "modelspec.usage_hint", "modelspec.tags")
-MISSING = ("", "None", "none", "null")
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # kohya writes str(None) for an unset option
+MISSING = ("", "None", "none", "null")  # kohya writes str(None) for an unset option
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -394,8 +395,8 @@ class _Reader:
                     per_dir[subset.get("image_dir") or subset.get("metadata_file") or f"subset {len(per_dir)}"] = \
                         subset["img_count"]
         if sum(per_dir.values()) > 0:
-            return Lead(sum(per_dir.values()), "ss_datasets",
-                        note=f"sum of img_count over {len(per_dir)} training subset folder(s)"), dict(sorted(per_dir.items()))
+            note = f"sum of img_count over {len(per_dir)} training subset folder(s)"
+            return Lead(sum(per_dir.values()), "ss_datasets", note=note), dict(sorted(per_dir.items()))
         if dirs:
             self.problems.append(Problem("ss_dataset_dirs", "records 0 training images"))
         return Lead(DEFAULT_N0, "default", note=(
@@ -452,7 +453,8 @@ class _Reader:
                                                        f"kohya's '<repeats>_<class tokens>' folder {folder!r}"))
         for dataset in self.json_value("ss_datasets", list) or []:
             for subset in (dataset.get("subsets", []) if isinstance(dataset, dict) else []):
-                if isinstance(subset, dict) and not subset.get("is_reg") and isinstance(subset.get("class_tokens"), str):
+                tokens = subset.get("class_tokens") if isinstance(subset, dict) else None
+                if isinstance(tokens, str) and not subset.get("is_reg"):
                     candidates.append(CaptionCandidate(subset["class_tokens"], ("ss_datasets (class_tokens)",), 2,
                                                        subset.get("img_count") or 0, "a subset's class tokens"))
         for prompt in (self.text("trained_words") or "").split(","):

@@ -70,9 +70,9 @@ def read_header(path: str) -> Header:
                 raise EvidenceError(f"{name} is not a safetensors file" + (f": it is {other}" if other else
                                     " (its first bytes are no safetensors header)"))
             if 8 + header_length > size:
-                raise EvidenceError(f"{name} is truncated: its header says {header_length} bytes of header but the file "
-                                    f"has {size - 8} after the length (an interrupted download or copy?). Download or "
-                                    "copy it again")
+                raise EvidenceError(f"{name} is truncated: its header says {header_length} bytes of header but the "
+                                    f"file has {size - 8} after the length (an interrupted download or copy?). "
+                                    "Download or copy it again")
             f.seek(8)
             raw = f.read(header_length)
     except OSError as error:
@@ -103,7 +103,8 @@ def _parse(name: str, parsed: dict, header_length: int, size: int) -> Header:
     for tensor, entry in parsed.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            valid = (isinstance(dtype, str) and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+            valid = (isinstance(dtype, str) and isinstance(shape, list)
+                     and all(type(d) is int and d >= 0 for d in shape)
                      and type(begin) is int and type(end) is int and 0 <= begin <= end)
         except (TypeError, KeyError, ValueError):
             valid = False

@@ -10,8 +10,8 @@ check on what the metadata claims. Read here:
 - the family: Flux from ``double_blocks`` / ``single_blocks`` (``single_transformer_blocks`` in diffusers names),
   SD 3 from ``joint_blocks``, SDXL from its second text encoder (``lora_te2_*``, ``text_encoder_2.``,
   ``conditioner.embedders.1``), and the UNet families from the width of the text context that cross-attention reads
-  (the input width of ``attn2.to_k`` and ``attn2.to_v``): 768 for SD 1.x (CLIP ViT-L), 1024 for SD 2.x (OpenCLIP ViT-H), 2048 for
-  SDXL (CLIP-L and bigG side by side), 1280 for the SDXL refiner (bigG alone).
+  (the input width of ``attn2.to_k`` and ``attn2.to_v``): 768 for SD 1.x (CLIP ViT-L), 1024 for SD 2.x (OpenCLIP
+  ViT-H), 2048 for SDXL (CLIP-L and bigG side by side), 1280 for the SDXL refiner (bigG alone).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ INPUT_SIDE_SUFFIXES = LORA_DOWN_SUFFIXES + (".hada_w1_b", ".hada_w2_b")
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_prior_te_", "text_encoder.",
                          "text_encoder_2.", "text_encoders.")
 
+SECOND_TEXT_ENCODER_PREFIXES = ("lora_te2_", "text_encoder_2.", "conditioner.embedders.1.")  # SDXL's CLIP-bigG
 CONTEXT_WIDTH_FAMILIES = {768: "sd1", 1024: "sd2", 1280: "sdxl-refiner", 2048: "sdxl"}
 CROSS_ATTENTION_KEY = re.compile(r"attn2[._](processor[._])?to_[kv]")  # k and v read the text context
 
@@ -119,10 +120,10 @@ def read_family(shapes: dict[str, tuple[int, ...]]) -> tuple[TensorReading | Non
     widths: dict[int, list[str]] = {}  # context width -> the cross-attention tensors that read it
     for key in keys:
         shape = shapes[key]
-        if CROSS_ATTENTION_KEY.search(key) and len(shape) >= 2 and key.endswith((*INPUT_SIDE_SUFFIXES, "to_k.weight", "to_v.weight")):
+        reads_context = key.endswith((*INPUT_SIDE_SUFFIXES, "to_k.weight", "to_v.weight"))
+        if CROSS_ATTENTION_KEY.search(key) and len(shape) >= 2 and reads_context:
             widths.setdefault(shape[1], []).append(key)
-    second_encoder = next((k for k in keys if k.startswith(("lora_te2_", "text_encoder_2.", "conditioner.embedders.1."))),
-                          None)
+    second_encoder = next((k for k in keys if k.startswith(SECOND_TEXT_ENCODER_PREFIXES)), None)
     problems = []
     if len(widths) > 1:
         problems.append("cross-attention layers read text contexts of different widths ("
