@@ -21,7 +21,9 @@ keys sorted: the same file gives the same bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import re
 import sys
@@ -310,8 +312,9 @@ class _Reader:
         metadata, tensors, adapter = self.family_leads()
         known = [lead for lead in metadata if lead.value != "unknown"]
         if len({lead.value for lead in known}) > 1:
-            self.problems.append(Problem(", ".join(lead.source for lead in known), "the metadata keys name different "
-                                         "families (" + ", ".join(f"{l.source} = {l.raw}" for l in known) + ")"))
+            claims = ", ".join(f"{lead.source} = {lead.raw}" for lead in known)
+            self.problems.append(Problem(", ".join(lead.source for lead in known),
+                                         f"the metadata keys name different families ({claims})"))
         if tensors is not None:
             for lead in known:
                 if not families_agree(tensors.value, lead.value):
@@ -359,24 +362,21 @@ class _Reader:
         return name, sha256, legacy
 
     # --- training images and caption ----------------------------------------------------------------------------
-    def _dataset_dirs(self, key: str) -> dict[str, dict]:
-        """The subsets of ss_dataset_dirs that have an image count (noting those that do not, once)."""
-        if f"{key} (valid)" in self._parsed:
-            return self._parsed[f"{key} (valid)"]
-        dirs = self.json_value(key, dict) or {}
+    @functools.cached_property
+    def dataset_dirs(self) -> dict[str, dict]:
+        """The training folders of ss_dataset_dirs that have an image count (noting those that do not, once)."""
         valid = {}
-        for name, info in dirs.items():
+        for name, info in (self.json_value("ss_dataset_dirs", dict) or {}).items():
             count = info.get("img_count") if isinstance(info, dict) else None
             if type(count) is not int or count < 0:
-                self.problems.append(Problem(key, f"subset {name!r} has no image count (img_count = {count!r}): "
-                                                  "ignored"))
+                self.problems.append(Problem("ss_dataset_dirs", f"subset {name!r} has no image count (img_count = "
+                                                                f"{count!r}): ignored"))
                 continue
             valid[name] = info
-        self._parsed[f"{key} (valid)"] = valid
         return valid
 
     def n0(self) -> tuple[Lead, dict]:
-        dirs = self._dataset_dirs("ss_dataset_dirs")
+        dirs = self.dataset_dirs
         once = {name: info for name, info in dirs.items() if REPEATED_DIR.sub(r"\1", name) == name
                 or REPEATED_DIR.sub(r"\1", name) not in dirs}
         subsets = {name: info["img_count"] for name, info in sorted(once.items())}
@@ -419,7 +419,7 @@ class _Reader:
 
     def caption_candidates(self, trainers: list[Lead]) -> list[CaptionCandidate]:
         candidates: list[CaptionCandidate] = []
-        dirs = self._dataset_dirs("ss_dataset_dirs")
+        dirs = self.dataset_dirs
         regularisation = set(self.json_value("ss_reg_dataset_dirs", dict) or {})
         ai_toolkit = any(lead.value == "ai-toolkit" for lead in trainers)
         frequencies = self.json_value("ss_tag_frequency", dict) or {}
@@ -478,16 +478,18 @@ class _Reader:
                 leads.append(Lead([numbers[0], numbers[-1]], key, raw=text))
             else:
                 self.problems.append(Problem(key, f"is not a resolution ({text[:80]!r}): ignored"))
+        if len({tuple(lead.value) for lead in leads}) > 1:
+            self.problems.append(Problem(", ".join(lead.source for lead in leads), "name different resolutions ("
+                                         + ", ".join(f"{lead.source} = {lead.value}" for lead in leads) + ")"))
         if not any(lead.source == "ss_resolution" for lead in leads):
+            # With a dataset config kohya records each dataset's resolution there, and modelspec.resolution falls back
+            # to the family's default: the datasets' come first
             datasets = self.json_value("ss_datasets", list)
             sizes = [d.get("resolution") for d in datasets or [] if isinstance(d, dict)]
             sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2 and all(type(n) is int for n in s)]
             if sizes:
                 leads.insert(0, Lead(sizes[0], "ss_datasets", note=None if len({tuple(s) for s in sizes}) == 1 else
                                      f"the first dataset's; the others train at {sizes[1:]}"))
-        if len({tuple(lead.value) for lead in leads}) > 1:
-            self.problems.append(Problem(", ".join(lead.source for lead in leads), "name different resolutions ("
-                                         + ", ".join(f"{l.source} = {l.value}" for l in leads) + ")"))
         return leads[0] if leads else None
 
     def clip_skip(self) -> Lead | None:
@@ -511,10 +513,8 @@ class _Reader:
         if version in BASE_MODEL_VERSIONS and BASE_MODEL_VERSIONS[version][1]:
             return Lead(BASE_MODEL_VERSIONS[version][1], "ss_base_model_version", raw=version)
         architecture = self.text("modelspec.architecture")
-        if architecture and _architecture_family(architecture.lower().partition("/")[0])[1]:
-            return Lead(_architecture_family(architecture.lower().partition("/")[0])[1], "modelspec.architecture",
-                        raw=architecture)
-        return None
+        implied = _architecture_family(architecture.lower().partition("/")[0])[1] if architecture else None
+        return Lead(implied, "modelspec.architecture", raw=architecture) if implied else None
 
     def network(self, kind: Lead) -> dict:
         shapes = self.header.shapes
@@ -531,7 +531,8 @@ class _Reader:
         peft = self.json_value("lora_adapter_metadata", dict)
         if peft:
             for suffix, field_name in (("r", "dim"), ("lora_alpha", "alpha")):
-                found = sorted((k, v) for k, v in peft.items() if k == suffix or k.endswith("." + suffix))
+                found = sorted((k, v) for k, v in peft.items() if (k == suffix or k.endswith("." + suffix))
+                               and isinstance(v, (int, float)) and math.isfinite(v))
                 if found and network[field_name] is None:
                     network[field_name] = Lead(found[0][1], f"lora_adapter_metadata ({found[0][0]})")
             if network["module"] is None:
@@ -578,6 +579,8 @@ def _number_or_text(text: str):
     try:
         number = float(text)
     except ValueError:
+        return text
+    if not math.isfinite(number):
         return text
     return int(number) if number.is_integer() else number
 

@@ -167,6 +167,7 @@ class ModelEvidence(io.ComfyNode):
                                  "from, the problems found and the base fit (one JSON object, keys sorted)."),
                 EVIDENCE.Output(display_name="evidence", tooltip="The same, as a value for the audit and report."),
             ],
+            is_output_node=True,  # queued alone, it shows the file's evidence in its panel
         )
 
     @classmethod

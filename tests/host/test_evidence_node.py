@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from fixtures import tiny_models
 from fixtures import trainer_files as tf
 from fixtures.stand_in_models import write_stand_in_models
+from tools.host.comfy_server import ComfyServer, execution_error
 
 PARTIAL = "evidence_partial.safetensors"
 PEFT = "evidence_peft.safetensors"
@@ -28,17 +29,13 @@ def _layer(name: str, width_in: int, width_out: int, seed: int) -> dict[str, tor
     return tf.lora_tensors({name: (width_in, width_out)}, 4, "kohya", seed)
 
 
-@pytest.fixture(scope="module")
-def world(host, tmp_path_factory):
-    """The stand-in base and, in models/loras, a kohya LoRA that fits it in part: every attention projection of its
-    UNet and one CLIP-L layer (which a layer of the base takes), one SDXL-only UNet layer and one layer of SDXL's
-    second text encoder (which none does)."""
-    models = str(tmp_path_factory.mktemp("evidence") / "models")
+def write_evidence_loras(models: str, caption_subset: tf.Subset = SUBJECT) -> dict:
+    """Next to the stand-in models, in models/loras: a kohya LoRA that fits the stand-in base in part (every attention
+    projection of its UNet and one CLIP-L layer, which a layer of the base takes; one SDXL-only UNet layer and one
+    layer of SDXL's second text encoder, which none does), a diffusers PEFT LoRA on two of the same layers, and a
+    truncated copy. Returns the partial LoRA's keys by part and the base's SHA-256."""
     write_stand_in_models(models)
-    for sub in ("checkpoints", "loras", "diffusion_models"):
-        host.folder_paths.add_model_folder_path(sub, os.path.join(models, sub))
-    base_path = os.path.join(models, "checkpoints", "base.safetensors")
-    with open(base_path, "rb") as f:
+    with open(os.path.join(models, "checkpoints", "base.safetensors"), "rb") as f:
         data = f.read()
     base_sha256, base_legacy = hashlib.sha256(data).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     parts = {
@@ -47,11 +44,10 @@ def world(host, tmp_path_factory):
         "foreign_unet": _layer("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 2048, 640, 13),
         "foreign_text_encoder": _layer("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280, 14),
     }
-    metadata = tf.kohya_metadata("sd1", [SUBJECT], base_name="v1-5-pruned-emaonly.safetensors",
+    metadata = tf.kohya_metadata("sd1", [caption_subset], base_name="v1-5-pruned-emaonly.safetensors",
                                  base_sha256=base_sha256, base_legacy=base_legacy, clip_skip=1)
     tensors = {k: v.contiguous() for part in parts.values() for k, v in part.items()}
     save_file(tensors, os.path.join(models, "loras", PARTIAL), metadata={**metadata, "sshs_model_hash": "0" * 64})
-    # A diffusers PEFT LoRA on the same attention layers, named by their diffusers paths
     peft_layers = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (768, 320),
                    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320)}
     save_file(tf.lora_tensors(peft_layers, 4, "peft", 15), os.path.join(models, "loras", PEFT),
@@ -60,10 +56,18 @@ def world(host, tmp_path_factory):
         content = f.read()
     with open(os.path.join(models, "loras", TRUNCATED), "wb") as f:
         f.write(content[: len(content) - 1000])
+    return {"parts": {k: sorted(v) for k, v in parts.items()}, "base_sha256": base_sha256}
+
+
+@pytest.fixture(scope="module")
+def world(host, tmp_path_factory):
+    models = str(tmp_path_factory.mktemp("evidence") / "models")
+    written = write_evidence_loras(models)
+    for sub in ("checkpoints", "loras", "diffusion_models"):
+        host.folder_paths.add_model_folder_path(sub, os.path.join(models, sub))
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model, clip = nodes["CheckpointLoaderSimple"]().load_checkpoint("base.safetensors")[:2]
-    return {"nodes": nodes, "model": model, "clip": clip, "parts": {k: sorted(v) for k, v in parts.items()},
-            "base_sha256": base_sha256, "host": host}
+    return {"nodes": nodes, "model": model, "clip": clip, "host": host, **written}
 
 
 @pytest.fixture(autouse=True)
@@ -171,3 +175,43 @@ def test_a_checkpoint_file_and_bad_choices_get_clear_messages(world):
     assert report["file"]["complete"] is False
     with pytest.raises(ValueError, match="truncated, so ComfyUI cannot load it"):
         evidence_node(world, lora_file=TRUNCATED, base_model=world["model"])
+
+
+# ----------------------------------------------------------------------------------------------- on a real server
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):  # host: tiny_models builds shapes with ComfyUI's own modules
+    base = str(tmp_path_factory.mktemp("evidence-server"))
+    written = write_evidence_loras(f"{base}/models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINEXTRACT_HASH_CACHE", f"{base}/hashes.jsonl")
+        with ComfyServer(base, lab=False) as running:
+            yield running, written
+
+
+def evidence_prompt(lora_file: str) -> dict:
+    return {"base": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "base.safetensors"}},
+            "evidence": {"class_type": "FineXtractModelEvidence", "inputs": {
+                "lora_file": lora_file, "model_file": "(none)", "base_model": ["base", 0], "base_clip": ["base", 1]}}}
+
+
+def test_the_node_runs_in_a_prompt_and_again_when_its_file_changes(server):
+    running, written = server
+    info = running.get("/object_info/FineXtractModelEvidence")["FineXtractModelEvidence"]
+    assert info["category"] == "FineXtract/evidence" and info["output_node"] is True
+    assert info["output"] == ["STRING", "INT", "STRING", "STRING", "FINEXTRACT_EVIDENCE"]
+    entry = running.run(evidence_prompt(PARTIAL))
+    assert execution_error(entry) is None, execution_error(entry)
+    text = entry["outputs"]["evidence"]["text"][0]
+    keys = sum(map(len, written["parts"].values()))
+    loaded = len(written["parts"]["unet"]) + len(written["parts"]["text_encoder"])
+    assert "caption: 'zwx cat'" in text and f"base fit: {loaded} of {keys} LoRA keys loaded" in text
+    # The same file name with new contents: the node runs again instead of answering from ComfyUI's cache
+    write_evidence_loras(os.path.join(running.base, "models"), tf.Subset("4_qqx bird", 4, ("qqx bird",) * 5))
+    path = os.path.join(running.base, "models", "loras", PARTIAL)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    entry = running.run(evidence_prompt(PARTIAL))
+    assert "caption: 'qqx bird'" in entry["outputs"]["evidence"]["text"][0]
+    # A name no loader lists is refused before anything runs, with what to do
+    with pytest.raises(RuntimeError, match=r"lora_file 'missing.safetensors' is not in models/\{loras\}"):
+        running.queue(evidence_prompt("missing.safetensors"))
