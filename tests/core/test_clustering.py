@@ -11,7 +11,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from fixtures.planted_embeddings import planted as benchmark_planted
 from fixtures.planted_embeddings import recovered
-from finextract_core import clustering
+from finextract_core.clustering import cliques as clique_engine
 from finextract_core.clustering import (METHODS, SIMILARITY_SCALE, WorkBudgetExceeded, cluster_candidates,
                                         greedy_clique_partition, quantised_similarities)
 from finextract_core.embeddings import Embeddings
@@ -247,7 +247,7 @@ def test_clustering_rejects_bad_input_with_advice():
 
 def test_clustering_budget_proof_agrees_with_the_search(monkeypatch):
     # greedy_partition rules dense graphs out before searching; searching anyway must give the same outcome.
-    prove = clustering._Graph._first_search_exceeds
+    prove = clique_engine._Graph._first_search_exceeds
     proofs = []
 
     def counted_proof(*args):
@@ -263,7 +263,7 @@ def test_clustering_budget_proof_agrees_with_the_search(monkeypatch):
         budget, min_size = int(rng.integers(50, 3000)), int(rng.integers(1, 4))
         outcomes = []
         for proof in (counted_proof, lambda *args: False):
-            monkeypatch.setattr(clustering._Graph, "_first_search_exceeds", proof)
+            monkeypatch.setattr(clique_engine._Graph, "_first_search_exceeds", proof)
             try:
                 outcomes.append(greedy_clique_partition(adjacency, min_size, budget))
             except WorkBudgetExceeded:

@@ -1,0 +1,24 @@
+"""CliqueCluster: from N candidate images to the N0 images most likely to be fine-tuning images (paper Sec. 4.3).
+
+The pieces, in the order the data flows through them:
+
+- ``similarities``: cosine similarities of the unit descriptors as integers (units of 1e-5), so that every
+  comparison below is exact and the same on every machine;
+- ``cliques``: the exact clique engine, the paper's greedy clique partition within a work budget;
+- ``thresholds``: the threshold graphs "similarity >= t" on the paper's grid (25th percentile start, +0.01 steps);
+- ``methods``: the rules that choose the clusters (``METHODS``, one line each in ``METHOD_DESCRIPTIONS``);
+- ``result``: the public call ``cluster_candidates`` and its ``ClusterResult``.
+
+All methods are deterministic (same embeddings in, same clusters out). The centre of a cluster is the member with the
+highest summed similarity to its cluster (= nearest the mean descriptor); ties go to the smallest index. The rules,
+with their figures, are in docs/clustering.md.
+"""
+from .cliques import DEFAULT_WORK_BUDGET, WorkBudgetExceeded, greedy_clique_partition
+from .methods import METHOD_DESCRIPTIONS, METHODS
+from .result import DEFAULT_MIN_CLIQUE_SIZE, ClusterResult, cluster_candidates
+from .similarities import SIMILARITY_SCALE, quantised_similarities
+from .thresholds import START_PERCENTILE, THRESHOLD_STEP
+
+__all__ = ["DEFAULT_MIN_CLIQUE_SIZE", "DEFAULT_WORK_BUDGET", "METHODS", "METHOD_DESCRIPTIONS", "SIMILARITY_SCALE",
+           "START_PERCENTILE", "THRESHOLD_STEP", "ClusterResult", "WorkBudgetExceeded", "cluster_candidates",
+           "greedy_clique_partition", "quantised_similarities"]
