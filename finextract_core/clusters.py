@@ -37,5 +37,6 @@ def cluster_result_from_dict(values: dict) -> ClusterResult:
     if set(values) != names:
         raise ValueError(f"clusters need the fields {sorted(names)}, got {sorted(values)}: connect Clique Cluster's "
                          "clusters_json")
-    tuples = {name: tuple(values[name]) for name in ("centres", "sizes", "mean_similarities", "notes")}
+    tuples = {name: tuple(values[name]) for name in ("centres", "sizes", "mean_similarities", "scores", "tightness",
+                                                     "separation", "notes")}
     return ClusterResult(**{**values, **tuples, "members": tuple(tuple(m) for m in values["members"])})

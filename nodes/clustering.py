@@ -24,8 +24,9 @@ def clustering_inputs() -> list:
         io.Combo.Input("method", options=list(clustering.METHODS), default=clustering.METHODS[0],
                        tooltip=" ".join(f"{name}: {text}" for name, text in clustering.METHOD_DESCRIPTIONS.items())),
         io.Int.Input("min_clique_size", default=clustering.DEFAULT_MIN_CLIQUE_SIZE, min=1, max=1000,
-                     tooltip="Clusters smaller than this are not counted: 1 lets a lone candidate count as extracted "
-                     "(the paper's code), 2 needs at least two similar candidates."),
+                     tooltip="Clusters smaller than this count only where N0 bigger ones cannot be found (the summary "
+                     "says so): 1 lets a lone candidate count as extracted (the paper's code), 2 needs at least two "
+                     "similar candidates."),
     ]
 
 
@@ -57,7 +58,7 @@ def check_candidate_source(count: int, candidates, bank: BankRows | None, vae) -
 
 
 def extracted_images(clusters: CandidateClusters, candidates=None, bank: BankRows | None = None, vae=None):
-    """(IMAGE of the cluster centres, their embeddings), biggest cluster first."""
+    """(IMAGE of the cluster centres, their embeddings), in the clusters' order."""
     check_candidate_source(clusters.result.n_candidates, candidates, bank, vae)
     centres = list(clusters.centres)
     if candidates is not None:
@@ -77,8 +78,9 @@ class CliqueClusterV2(io.ComfyNode):
             display_name="Clique Cluster (FineXtract)",
             category=CATEGORY,
             description="Groups the candidates into N0 clusters of mutually similar images (threshold graph and "
-                        "cliques, Sec. 4.3 of the paper), biggest cluster first; Extracted Images turns them into "
-                        "the extracted images.",
+                        "cliques, Sec. 4.3 of the paper), the likeliest memorised image first (ranked_cliques) or "
+                        "the biggest cluster first (the other methods); Extracted Images turns them into the "
+                        "extracted images.",
             inputs=clustering_inputs(),
             outputs=[
                 CLUSTERS.Output(display_name="clusters",
@@ -101,11 +103,11 @@ class ExtractedImages(io.ComfyNode):
             node_id="FineXtractExtractedImages",
             display_name="Extracted Images (FineXtract)",
             category=CATEGORY,
-            description="The image of each cluster's centre (the extracted images, biggest cluster first), taken from "
+            description="The image of each cluster's centre (the extracted images, in the clusters' order), taken from "
                         "the candidate images or decoded from a Candidate Bank.",
             inputs=[CLUSTERS.Input("clusters", tooltip="Clique Cluster's clusters."), *candidate_source_inputs()],
             outputs=[
-                io.Image.Output(display_name="extracted", tooltip="One image per cluster, biggest cluster first."),
+                io.Image.Output(display_name="extracted", tooltip="One image per cluster, in the clusters' order."),
                 EMBEDDINGS.Output(display_name="extracted_embeddings", tooltip="Their descriptors, for Extraction "
                                   "Metrics."),
             ],

@@ -14,10 +14,9 @@ highest summed similarity to its cluster (= nearest the mean descriptor); ties g
 with their figures, are in docs/clustering.md.
 """
 from .cliques import DEFAULT_WORK_BUDGET, WorkBudgetExceeded, greedy_clique_partition
-from .methods import METHOD_DESCRIPTIONS, METHODS
-from .result import DEFAULT_MIN_CLIQUE_SIZE, ClusterResult, cluster_candidates
-from .similarities import SIMILARITY_SCALE, quantised_similarities
-from .thresholds import START_PERCENTILE, THRESHOLD_STEP
+from .result import DEFAULT_MIN_CLIQUE_SIZE, METHOD_DESCRIPTIONS, METHODS, ClusterResult, cluster_candidates
+from .similarities import SIMILARITY_SCALE, START_PERCENTILE, quantised_similarities
+from .thresholds import THRESHOLD_STEP
 
 __all__ = ["DEFAULT_MIN_CLIQUE_SIZE", "DEFAULT_WORK_BUDGET", "METHODS", "METHOD_DESCRIPTIONS", "SIMILARITY_SCALE",
            "START_PERCENTILE", "THRESHOLD_STEP", "ClusterResult", "WorkBudgetExceeded", "cluster_candidates",

@@ -1,5 +1,6 @@
-"""The exact clique engine: the paper's greedy clique partition (repeatedly remove a maximum clique), computed exactly
-with a bitset branch and bound, lexicographically first among maximum cliques, within a work budget."""
+"""The clique engine: the paper's greedy clique partition (repeatedly remove a maximum clique), computed exactly with a
+bitset branch and bound, lexicographically first among maximum cliques, within a work budget; and a cheaper clique
+cover for graphs too dense for that budget."""
 from __future__ import annotations
 
 import heapq
@@ -176,15 +177,20 @@ def greedy_clique_partition(adjacency: np.ndarray, min_size: int = 1,
     return cliques
 
 
-def components_in_index_order(labels: np.ndarray) -> list[np.ndarray]:
-    order = np.argsort(labels, kind="stable")
+def components_in_index_order(labels: np.ndarray, min_size: int = 1) -> list[np.ndarray]:
+    """The components (ascending members) with at least ``min_size`` members, in order of their smallest member.
+
+    Leaving out the small ones before grouping matters: at high thresholds nearly every candidate is alone.
+    """
+    counted = np.flatnonzero(np.bincount(labels)[labels] >= min_size)
+    order = counted[np.argsort(labels[counted], kind="stable")]
     boundaries = np.flatnonzero(np.diff(labels[order])) + 1
-    components = np.split(order, boundaries)
+    components = np.split(order, boundaries) if len(order) else []
     return sorted(components, key=lambda members: int(members[0]))
 
 
 def partition_component(adjacency: np.ndarray, members: np.ndarray, min_size: int,
-                         work_budget: int) -> list[list[int]]:
+                        work_budget: int) -> list[list[int]]:
     """Cliques of one component (``adjacency`` without self loops, rows in the order of ``members``)."""
     size = len(members)
     if size < min_size:
@@ -194,3 +200,31 @@ def partition_component(adjacency: np.ndarray, members: np.ndarray, min_size: in
     local = _Graph(_bitset_rows(adjacency)).greedy_partition(min_size, work_budget)
     return [members[clique].tolist() for clique in local]
 
+
+
+def greedy_clique_cover(adjacency: np.ndarray, min_size: int) -> list[list[int]]:
+    """A partition into cliques at O(N^2) cost, for graphs where the exact search exceeds its work budget.
+
+    Repeatedly grow a clique from the remaining vertex of highest remaining degree, adding the common neighbour of
+    highest remaining degree until none is left (ties: the lowest index), and remove it. Every part is a clique (each
+    vertex added is adjacent to all before it), not necessarily a maximum one. ``adjacency``: symmetric boolean
+    without self loops. Returns the cliques of at least ``min_size`` members in removal order, each ascending.
+    """
+    alive = np.ones(len(adjacency), dtype=bool)
+    degrees = adjacency.sum(axis=1)
+    cliques = []
+    while alive.any():
+        seed = int(np.argmax(np.where(alive, degrees, -1)))  # argmax takes the lowest index among equals
+        if degrees[seed] + 1 < min_size:  # no remaining clique can reach min_size
+            break
+        clique, common = [seed], np.flatnonzero(adjacency[seed] & alive)
+        while len(common):
+            chosen = int(common[np.argmax(degrees[common])])
+            clique.append(chosen)
+            common = common[adjacency[chosen, common]]
+        clique.sort()
+        alive[clique] = False
+        degrees -= adjacency[clique].sum(axis=0)
+        if len(clique) >= min_size:
+            cliques.append(clique)
+    return cliques

@@ -1,5 +1,5 @@
-"""The threshold methods: how each one chooses a threshold (or a cut) and its cliques/groups. Each method's rule is
-its function's docstring; METHOD_DESCRIPTIONS holds the one-line versions for the node's tooltip."""
+"""The single-threshold methods: how each one chooses one threshold (or one cut of a tree) and its cliques/groups.
+Each method's rule is its function's docstring."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,15 +8,37 @@ import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from .cliques import WorkBudgetExceeded, components_in_index_order
-from .similarities import SIMILARITY_SCALE, similarity
-from .thresholds import THRESHOLD_STEP, ThresholdGraphs, capacity, partition_pieces, piece_sizes, start_threshold
+from .similarities import SIMILARITY_SCALE, CandidateSimilarities, similarity
+from .thresholds import THRESHOLD_STEP, ThresholdGraphs, capacity, partition_pieces, piece_sizes
 
 
 @dataclass
 class Outcome:
-    threshold: int
-    clusters: list[list[int]]  # every counted clique/group, any order
+    threshold: int  # every cluster is a clique of the graph at this threshold
+    clusters: list[list[int]]  # every counted clique/group, any order (the ranked method: its ranking)
     notes: list[str]
+
+
+class NoThreshold(Exception):
+    """No threshold (or cut) of the rule gives N0 clusters of the size asked for; the message says what was found."""
+
+
+def counting_smaller_clusters(rule, run: CandidateSimilarities, n_clusters: int, min_size: int,
+                              work_budget: int) -> Outcome:
+    """``rule``'s outcome counting clusters of at least ``min_size`` members, or where it finds no threshold with N0
+    of them, of one member fewer, and so on down to single candidates (which every rule can count N0 of, except
+    where most candidates are one clique; the result's completion covers that)."""
+    failures = []
+    for size in range(min_size, 0, -1):
+        try:
+            outcome = rule(run, n_clusters, size, work_budget)
+        except NoThreshold as failure:
+            failures.append(f"{failure}: counted clusters of >= {size - 1} members instead" if size > 1 else
+                            f"{failure}")
+            continue
+        outcome.notes[:0] = failures
+        return outcome
+    return Outcome(run.highest, [], failures)
 
 
 def _grid_notes(threshold: int, start: int) -> list[str]:
@@ -29,8 +51,7 @@ def _kept_note(counted: int, n_clusters: int, min_size: int) -> list[str]:
             if counted > n_clusters else [])
 
 
-def paper_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int, min_size: int,
-                 work_budget: int) -> Outcome:
+def paper_method(run: CandidateSimilarities, n_clusters: int, min_size: int, work_budget: int) -> Outcome:
     """The paper's procedure: the first threshold of the grid whose greedy clique partition has N0 cliques.
 
     The similarity threshold starts at the 25th percentile of the off-diagonal similarities and rises in steps of
@@ -57,8 +78,7 @@ def paper_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int, mi
       threshold, so once it drops below N0 the scan stops (no higher threshold can reach N0); the same holds for the
       pieces of the (s - 1)-core, where cliques are searched.
     """
-    n = sims.shape[0]
-    graphs = ThresholdGraphs(sims, off_diagonal)
+    graphs = ThresholdGraphs(run)
     start, highest = graphs.start, graphs.highest
     skipped, best_count = [], 0
     threshold = start
@@ -86,12 +106,10 @@ def paper_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int, mi
         if threshold > highest:  # all singletons from here on
             break
         threshold += THRESHOLD_STEP
-    raise ValueError(
-        f"no threshold from {similarity(start):.5f} upwards partitions the {n} candidates into {n_clusters} cliques "
-        f"of at least {min_size} members (at most {best_count} found"
-        f"{f'; {len(skipped)} thresholds skipped for the work budget' if skipped else ''}): lower min_clique_size "
-        "or N0, generate more candidates, or raise the work budget"
-    )
+    raise NoThreshold(
+        f"no threshold from {similarity(start):.5f} upwards partitions the {run.n} candidates into {n_clusters} "
+        f"cliques of at least {min_size} members (at most {best_count} found"
+        f"{f'; {len(skipped)} thresholds skipped for the work budget of {work_budget} steps' if skipped else ''})")
 
 
 def _complete_components_bound(labels: np.ndarray, degrees: np.ndarray, n_clusters: int, min_size: int) -> int:
@@ -142,8 +160,7 @@ def _scan_thresholds(graphs: ThresholdGraphs, labels: dict[int, np.ndarray], n_c
     return scan
 
 
-def best_threshold_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int, min_size: int,
-                          work_budget: int) -> Outcome:
+def best_threshold_method(run: CandidateSimilarities, n_clusters: int, min_size: int, work_budget: int) -> Outcome:
     """The threshold whose N0-th largest clique is biggest: every threshold of the grid, from the start up to the
     largest similarity, is a candidate; its score is the size of the N0-th largest clique of the greedy clique
     partition (as in ``paper_method``). The threshold with the highest score is used, the highest threshold among
@@ -155,8 +172,7 @@ def best_threshold_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters
     score from below before the scan. The scan runs from the top down and ends at the first threshold where a
     maximum-clique search exceeds the work budget (lower thresholds have denser graphs; the note names it).
     """
-    n = sims.shape[0]
-    graphs = ThresholdGraphs(sims, off_diagonal)
+    graphs = ThresholdGraphs(run)
     start = graphs.start
     labels = {t: graphs.component_labels(t) for t in range(start, graphs.highest + 1, THRESHOLD_STEP)}
     # Components that are cliques give every threshold a lower bound on its score at O(N) cost. Searching only for
@@ -173,10 +189,9 @@ def best_threshold_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters
                     f"budget of {work_budget} steps; lower thresholds were not tried"]
                    if scan.too_dense is not None else [])
     if scan.threshold is None:
-        raise ValueError(
-            f"no threshold from {similarity(start):.5f} upwards partitions the {n} candidates into {n_clusters} "
-            f"cliques of at least {min_size} members{f' ({budget_note[0]})' if budget_note else ''}: lower "
-            "min_clique_size or N0, generate more candidates, or raise the work budget")
+        raise NoThreshold(
+            f"no threshold from {similarity(start):.5f} upwards partitions the {run.n} candidates into {n_clusters} "
+            f"cliques of at least {min_size} members{f' ({budget_note[0]})' if budget_note else ''}")
     notes = _grid_notes(scan.threshold, start)
     notes.append(f"chosen because its N0-th largest clique ({scan.size} members, N0 = {n_clusters}) is the largest "
                  "of all thresholds scanned (ties: the highest threshold)")
@@ -192,8 +207,7 @@ def _nth_largest_size(size_counts: np.ndarray, n_clusters: int, min_size: int) -
     return size if size >= min_size else 0
 
 
-def complete_linkage_method(sims: np.ndarray, off_diagonal: np.ndarray, n_clusters: int,
-                            min_size: int) -> Outcome:
+def complete_linkage_method(run: CandidateSimilarities, n_clusters: int, min_size: int, work_budget: int) -> Outcome:
     """Complete-linkage agglomeration on 1 - similarity, cut where the N0-th largest group is biggest.
 
     Cuts at or above the same 25th-percentile start, with no step size, are candidates; the one whose N0-th largest
@@ -201,11 +215,11 @@ def complete_linkage_method(sims: np.ndarray, off_diagonal: np.ndarray, n_cluste
     ``best_threshold_method``, on the tree. (Keeping the lowest threshold that still has N0 groups lets groups absorb
     unrelated candidates and each other.) Every group is a clique of the graph at the reported threshold (its
     members' smallest pairwise similarity is at least the threshold). Merges of equal height are applied together,
-    so the result never depends on scipy's order within ties.
+    so the result never depends on scipy's order within ties. No clique search: ``work_budget`` does not apply.
     """
-    n = sims.shape[0]
-    start = start_threshold(off_diagonal)
-    tree = linkage((SIMILARITY_SCALE - off_diagonal).astype(np.float64), method="complete")
+    del work_budget
+    n, start = run.n, run.start
+    tree = linkage((SIMILARITY_SCALE - run.off_diagonal).astype(np.float64), method="complete")
     heights = tree[:, 2]
     # Every cut of the tree at or above the start threshold is a candidate (whole tie groups only, so the result
     # never depends on scipy's order within ties). Walk the merges upwards (threshold downwards) and keep the cut
@@ -228,11 +242,10 @@ def complete_linkage_method(sims: np.ndarray, off_diagonal: np.ndarray, n_cluste
             if nth_size > best_size:
                 best_size, cut_height = nth_size, float(height)
     if best_size == 0:
-        raise ValueError(f"complete linkage never has {n_clusters} groups of at least {min_size} members among the "
-                         f"{n} candidates above the start threshold {similarity(start):.5f}: lower min_clique_size "
-                         "or N0, or generate more candidates")
+        raise NoThreshold(f"complete linkage never has {n_clusters} groups of at least {min_size} members among the "
+                          f"{n} candidates above the start threshold {similarity(start):.5f}")
     labels = fcluster(tree, cut_height, "distance") if cut_height >= 0 else np.arange(n)
-    groups = [c.tolist() for c in components_in_index_order(labels) if len(c) >= min_size]
+    groups = [c.tolist() for c in components_in_index_order(labels, min_size)]
     threshold = SIMILARITY_SCALE - int(max(cut_height, 0))
     notes = [f"threshold {similarity(threshold):.5f}: every group's smallest pairwise similarity is at least this; "
              f"chosen because its N0-th largest group ({best_size} members, N0 = {n_clusters}) is the largest of all "
@@ -240,14 +253,3 @@ def complete_linkage_method(sims: np.ndarray, off_diagonal: np.ndarray, n_cluste
              "highest threshold)"]
     return Outcome(threshold, groups, notes + _kept_note(len(groups), n_clusters, min_size))
 
-
-METHODS = ("best_threshold", "paper", "complete_linkage")  # the first is the default
-METHOD_DESCRIPTIONS = {  # one line each, for tooltips
-    "best_threshold": "Scans every 0.01 threshold from the 25th percentile up and uses the one whose N0-th largest "
-                      "clique (greedy clique partition) is biggest: robust when groups are well separated.",
-    "paper": "The paper's rule: the first threshold from the 25th percentile whose greedy clique partition has N0 "
-             "cliques; can merge groups when inter-group pairs dominate that percentile (two groups of 10 near-"
-             "duplicates at N0 = 2 come out as mixed cliques of 15 and 5).",
-    "complete_linkage": "Complete-linkage tree cut where the N0-th largest group is biggest; every group is a clique "
-                        "at the reported threshold.",
-}

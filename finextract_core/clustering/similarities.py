@@ -5,6 +5,8 @@ machines cannot move a pair across a threshold (except for a value within ~1e-16
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence, Union
 
 import numpy as np
@@ -12,6 +14,8 @@ import numpy as np
 from ..embeddings import Embeddings, check_unit_rows
 
 SIMILARITY_SCALE = 100_000  # similarities become integers in units of 1e-5
+START_PERCENTILE = 25  # the paper's first threshold: this percentile of the off-diagonal similarities
+BACKGROUND_PERCENTILE = 50  # the run's background: what a typical pair of candidates shares
 
 VectorsLike = Union[Embeddings, np.ndarray, Sequence[Sequence[float]]]
 
@@ -48,6 +52,52 @@ def condensed(sims: np.ndarray) -> np.ndarray:
     """Upper-triangle entries row by row (scipy's condensed order) without N^2 index arrays."""
     n = sims.shape[0]
     return np.concatenate([sims[i, i + 1:] for i in range(n - 1)]) if n > 1 else np.zeros(0, dtype=sims.dtype)
+
+
+@dataclass(frozen=True)
+class CandidateSimilarities:
+    """One run's quantised similarities and the order statistics that the rules read from them (all in units of
+    1/SIMILARITY_SCALE; order statistics are the lower ones, that is values of off-diagonal entries themselves)."""
+
+    matrix: np.ndarray  # N x N int32, diagonal SIMILARITY_SCALE
+    start: int  # START_PERCENTILE of the off-diagonal similarities
+    background: int  # BACKGROUND_PERCENTILE of them
+    highest: int
+
+    @property
+    def n(self) -> int:
+        return self.matrix.shape[0]
+
+    @cached_property
+    def off_diagonal(self) -> np.ndarray:
+        """The upper triangle in scipy's condensed order (only complete linkage needs it)."""
+        return condensed(self.matrix)
+
+
+def candidate_similarities(vectors: np.ndarray) -> CandidateSimilarities:
+    """The similarities of ``vectors`` (unit rows) and their order statistics, read from a histogram of the
+    quantised values: exact, and no sort or copy of the N^2 entries."""
+    matrix = quantised_similarities(vectors)
+    n = matrix.shape[0]
+    if n == 1:  # a single candidate: every statistic is its similarity to itself
+        return CandidateSimilarities(matrix, SIMILARITY_SCALE, SIMILARITY_SCALE, SIMILARITY_SCALE)
+    counts = np.zeros(2 * SIMILARITY_SCALE + 1, dtype=np.int64)
+    rows_per_block = max(1, 2 ** 22 // n)
+    for first in range(0, n, rows_per_block):
+        counts += np.bincount((matrix[first:first + rows_per_block] + SIMILARITY_SCALE).ravel(),
+                              minlength=len(counts))
+    counts[2 * SIMILARITY_SCALE] -= n  # the diagonal
+    counts //= 2  # every off-diagonal pair appears twice
+    at_most = np.cumsum(counts)  # entries <= value, value = index - SIMILARITY_SCALE
+    pairs = int(at_most[-1])
+
+    def order_statistic(percent: int) -> int:
+        rank = (pairs - 1) * percent // 100  # the entry at this rank of the sorted upper triangle (from 0)
+        return int(np.searchsorted(at_most, rank + 1)) - SIMILARITY_SCALE
+
+    highest = int(np.flatnonzero(counts)[-1]) - SIMILARITY_SCALE
+    return CandidateSimilarities(matrix, order_statistic(START_PERCENTILE), order_statistic(BACKGROUND_PERCENTILE),
+                                 highest)
 
 
 def similarity(units: int) -> float:

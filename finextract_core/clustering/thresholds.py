@@ -8,16 +8,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .cliques import components_in_index_order, partition_component
-from .similarities import SIMILARITY_SCALE
+from .similarities import SIMILARITY_SCALE, CandidateSimilarities
 
 THRESHOLD_STEP = SIMILARITY_SCALE // 100  # the paper's +0.01
-START_PERCENTILE = 25
-
-
-def start_threshold(off_diagonal: np.ndarray) -> int:
-    """The 25th percentile (lower order statistic) of the off-diagonal similarities."""
-    rank = (len(off_diagonal) - 1) * START_PERCENTILE // 100
-    return int(np.partition(off_diagonal, rank)[rank])
 
 
 def _maximum_spanning_tree(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,10 +44,9 @@ class ThresholdGraphs:
     25th percentile of the off-diagonal similarities) up to the first above the highest of them: components, degrees
     and the pieces of cores in which cliques are searched."""
 
-    def __init__(self, sims: np.ndarray, off_diagonal: np.ndarray):
-        self.sims = sims
-        self.start = start_threshold(off_diagonal)
-        self.highest = int(off_diagonal.max())
+    def __init__(self, run: CandidateSimilarities):
+        sims = self.sims = run.matrix
+        self.start, self.highest = run.start, run.highest
         self.n_thresholds = (self.highest - self.start) // THRESHOLD_STEP + 2
         self.tree = _maximum_spanning_tree(sims)
         self._degrees: np.ndarray | None = None
@@ -93,7 +85,7 @@ class ThresholdGraphs:
                 kept &= ~dropped
                 degrees -= (self.sims[dropped] >= threshold).sum(axis=0)
         pieces = []
-        for component in components_in_index_order(labels):
+        for component in components_in_index_order(labels, min_size):
             members = component[kept[component]]
             if len(members) < min_size:
                 continue

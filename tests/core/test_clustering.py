@@ -209,7 +209,7 @@ def test_clustering_complete_linkage_groups_are_cliques_at_reported_threshold():
 
 def test_clustering_is_deterministic_and_reports_budget_skips():
     vectors, _ = planted(n_groups=3, per_group=15, n_noise=5, seed=11)
-    assert cluster_candidates(vectors, 3) == cluster_candidates(vectors.copy(), 3, "best_threshold")  # the default
+    assert cluster_candidates(vectors, 3) == cluster_candidates(vectors.copy(), 3, "ranked_cliques")  # the default
     for method in METHODS:
         assert cluster_candidates(vectors, 3, method) == cluster_candidates(vectors.copy(), 3, method)
     first = cluster_candidates(vectors, 3, "paper")
@@ -223,14 +223,12 @@ def test_clustering_is_deterministic_and_reports_budget_skips():
         greedy_clique_partition(dense, 1, work_budget=3)
 
 
-def test_clustering_rejects_bad_input_with_advice():
+def test_clustering_rejects_bad_settings_and_embeddings_with_advice():
     vectors, _ = planted(n_groups=2, per_group=4, n_noise=0)
-    with pytest.raises(ValueError, match="N0 = 9 clusters cannot be taken from 8 candidates"):
-        cluster_candidates(vectors, 9)
     with pytest.raises(ValueError, match="N0 = 0"):
         cluster_candidates(vectors, 0)
-    with pytest.raises(ValueError, match="need at least 10 candidates"):
-        cluster_candidates(vectors, 5, min_clique_size=2)
+    with pytest.raises(ValueError, match="min_clique_size = 0"):
+        cluster_candidates(vectors, 2, min_clique_size=0)
     with pytest.raises(ValueError, match="unknown clustering method"):
         cluster_candidates(vectors, 2, "kmeans")
     with pytest.raises(ValueError, match="norm"):
@@ -241,8 +239,22 @@ def test_clustering_rejects_bad_input_with_advice():
         cluster_candidates(broken, 2)
     with pytest.raises(ValueError, match="at least one candidate"):
         cluster_candidates(np.zeros((0, 4)), 1)
-    single = cluster_candidates(vectors[:1], 1, min_clique_size=1)
-    assert (single.centres, single.members) == ((0,), ((0,),))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_clustering_answers_when_candidates_are_too_few_and_says_so(method):
+    vectors, labels = planted(n_groups=2, per_group=4, n_noise=0)
+    fewer = cluster_candidates(vectors, 9, method)  # N0 > N: each of the 8 candidates is a cluster
+    assert fewer.n_clusters == 8 and sorted(fewer.centres) == list(range(8)) and fewer.sizes == (1,) * 8
+    assert any("there are 8 candidates: each candidate is its own cluster, 8 clusters instead of N0" in note
+               for note in fewer.notes)
+    # 5 clusters of >= 2 members cannot be made from 8 candidates: smaller ones make up N0, and the notes say so.
+    small = cluster_candidates(vectors, 5, method, min_clique_size=2)
+    assert small.n_clusters == 5 and len(set(itertools.chain.from_iterable(small.members))) == sum(small.sizes)
+    assert 1 in small.sizes and all(len(set(labels[list(members)])) == 1 for members in small.members)
+    assert any("single candidate" in note or "counted clusters of >= 1" in note for note in small.notes)
+    single = cluster_candidates(vectors[:1], 1, method)
+    assert (single.centres, single.members, single.scores) == ((0,), ((0,),), (0.0,))
 
 
 def test_clustering_budget_proof_agrees_with_the_search(monkeypatch):

@@ -123,13 +123,12 @@ def test_single_images_are_scored_and_clustered(world, tmp_path):
     assert table.splitlines()[1] == f"0,0,{cosine:.6f},{int(cosine > 0.6)},{int(cosine > 0.7)}"
     assert grid.shape == (1, 256, 768, 3)
     cluster = nodes["FineXtractCliqueClusterV2"]
-    with pytest.raises(ValueError, match="need at least 2 candidates, there are 1: lower min_clique_size"):
-        cluster.execute(extracted, 1, "best_threshold", 2)
-    with pytest.raises(ValueError, match="N0 = 2 clusters cannot be taken from 1 candidates"):
-        cluster.execute(extracted, 2, "best_threshold", 1)
-    clusters = cluster.execute(extracted, 1, "best_threshold", 1).args[0]
-    alone, alone_embeddings = nodes["FineXtractExtractedImages"].execute(clusters, candidates=images[1:2]).args
-    assert torch.equal(alone, images[1:2]) and np.array_equal(alone_embeddings.vectors, extracted.vectors)
+    # One candidate is one cluster, whatever N0 and min_clique_size ask for, and the summary says why.
+    for n0, min_clique_size in ((1, 2), (2, 1), (1, 1)):
+        clusters, summary, _ = cluster.execute(extracted, n0, "best_threshold", min_clique_size).args
+        assert "there are 1 candidates: each candidate is its own cluster" in summary
+        alone, alone_embeddings = nodes["FineXtractExtractedImages"].execute(clusters, candidates=images[1:2]).args
+        assert torch.equal(alone, images[1:2]) and np.array_equal(alone_embeddings.vectors, extracted.vectors)
 
 
 def test_embeddings_of_another_model_are_never_compared(world):
