@@ -44,7 +44,7 @@ class Evidence:
 
 class MemorisationScorer:
     """Scores clusters of one run. Remembers each member's nearest neighbours: the nearest outsider of a member of
-    a small cluster is among them, so a cluster costs O(size^2) instead of O(size x N)."""
+    a small cluster is among them, so a small cluster costs O(size^2) instead of O(size x N)."""
 
     NEIGHBOURS = 16
 
@@ -60,31 +60,29 @@ class MemorisationScorer:
             return Evidence(0.0, 0.0, 0.0)
         block = run.matrix[np.ix_(members, members)].astype(np.int64)
         mean_inside = (int(block.sum()) - size * SIMILARITY_SCALE) / (size * (size - 1))  # without the diagonal
-        if size < run.n:
+        if size == run.n:  # nothing outside: the background stands in for it
+            nearest_outside = run.background
+        elif size < self.NEIGHBOURS:
             inside = set(members)
             nearest_outside = sum(self._nearest_outside(member, inside) for member in members) / size
-        else:  # nothing outside: the background stands in for it
-            nearest_outside = run.background
+        else:  # the neighbours of a big cluster's members are mostly inside it: read whole rows
+            outside = np.delete(run.matrix[members], members, axis=1)
+            nearest_outside = int(outside.max(axis=1).astype(np.int64).sum()) / size
         tightness = max(0.0, (mean_inside - run.background) / span)
         separation = max(0.0, (mean_inside - nearest_outside) / span)
         return Evidence(tightness, separation, tightness ** TIGHTNESS_POWER * separation * (1 - 1 / size))
 
     def _nearest_outside(self, member: int, inside: set[int]) -> int:
-        """``member``'s highest similarity to a candidate outside ``inside``. Among the neighbours, which hold the
-        highest similarities (ties in any order), the first outsider's is it: every other outsider's is lower or
-        equal."""
+        """``member``'s highest similarity to a candidate outside ``inside`` (fewer than NEIGHBOURS candidates, so
+        at least one neighbour is outside). The neighbours hold the highest similarities (ties in any order): the
+        first outsider among them is as close as any outsider."""
         indices, values = self._nearest(member)
-        for index, value in zip(indices, values):
-            if index not in inside:
-                return value
-        row = self.run.matrix[member].copy()
-        row[list(inside)] = np.iinfo(row.dtype).min
-        return int(row.max())
+        return next(value for index, value in zip(indices, values) if index not in inside)
 
     def _nearest(self, member: int) -> tuple[list[int], list[int]]:
         if member not in self._neighbours:
             row = self.run.matrix[member].astype(np.int64)
-            row[member] = np.iinfo(np.int64).min
+            row[member] = -2 * SIMILARITY_SCALE  # below every similarity: never its own neighbour
             count = min(self.NEIGHBOURS, len(row) - 1)
             nearest = np.argpartition(-row, count - 1)[:count]
             nearest = nearest[np.argsort(-row[nearest], kind="stable")]

@@ -10,6 +10,8 @@ import pytest
 from fixtures.realistic_candidates import COPY_LEVELS, realistic_candidates
 from finextract_core.clustering import METHODS, SIMILARITY_SCALE, THRESHOLD_STEP, cluster_candidates
 from finextract_core.clustering.cliques import greedy_clique_cover
+from finextract_core.clustering.ranking import MemorisationScorer
+from finextract_core.clustering.similarities import candidate_similarities
 
 # A Gram matrix (positive definite) whose clusters are worked out by hand below.
 HAND_SIMILARITIES = np.array([[1.0, 0.9, 0.7, 0.3, 0.0],
@@ -44,7 +46,7 @@ def reference_score(sims, members, background):
     block = sims[np.ix_(members, members)]
     mean_inside = (block.sum() - np.trace(block)) / (size * (size - 1))
     outside = np.delete(sims[members], members, axis=1)
-    nearest_outside = outside.max(axis=1).mean()
+    nearest_outside = outside.max(axis=1).mean() if outside.size else background  # nothing outside: the background
     span = SIMILARITY_SCALE - background
     tightness = max(0.0, (mean_inside - background) / span)
     separation = max(0.0, (mean_inside - nearest_outside) / span)
@@ -103,6 +105,19 @@ def test_memorisation_score_equals_the_hand_computed_one():
     assert result.background == 0.2 and result.centres == (1, 3) and result.threshold == 0.7
     assert "memorisation score 0.1318 (tightness 0.7500, separation 0.6250)" in result.summary()
     assert '"scores": [' in result.to_json() and result.to_dict()["ranked_by"] == "memorisation score"
+
+
+def test_memorisation_scores_of_any_cluster_equal_scores_from_whole_rows():
+    rng = np.random.default_rng(21)
+    for n, dim in [(3, 3), (17, 4), (60, 8), (200, 16)]:
+        vectors = rng.standard_normal((n, dim))
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        run = candidate_similarities(vectors)
+        scorer = MemorisationScorer(run)  # one scorer for all clusters: its remembered neighbours are reused
+        for size in sorted({2, 3, n // 4, n // 2, n - 1, n} - {0, 1}):
+            members = sorted(rng.choice(n, size, replace=False).tolist())
+            expected = reference_score(run.matrix.astype(np.int64), members, run.background)
+            assert scorer.evidence(members).score == pytest.approx(expected, rel=1e-12, abs=1e-15), (n, size)
 
 
 @pytest.mark.parametrize("seed,n,dim,n_clusters", [(0, 24, 4, 3), (1, 30, 5, 4), (2, 36, 6, 5), (3, 28, 3, 2)])
