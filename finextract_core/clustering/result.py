@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -21,28 +20,30 @@ DEFAULT_MIN_CLIQUE_SIZE = 2
 
 @dataclass(frozen=True)
 class Method:
-    rule: Callable[[CandidateSimilarities, int, int, int], Outcome]  # (run, N0, min size, work budget)
+    # (run, N0, min size, work budget) -> Outcome. Raises NoThreshold where no threshold gives N0 clusters of the
+    # min size; cluster_candidates then asks for smaller ones (counting_smaller_clusters).
+    rule: Callable[[CandidateSimilarities, int, int, int], Outcome]
     ranked_by_score: bool  # False: biggest cluster first (the paper's ranking)
     description: str  # one line, for the node's tooltip
 
 
 _METHODS = {
     "ranked_cliques": Method(
-        partial(counting_smaller_clusters, ranked_cliques_method), True,
+        ranked_cliques_method, True,
         "Cliques of every threshold, ranked by memorisation score = tightness^4 x separation x (1 - 1/size), both "
         "measured from the run's background similarity: memorised images first, small tight groups ahead of big "
         "loose styles."),
     "best_threshold": Method(
-        partial(counting_smaller_clusters, best_threshold_method), False,
+        best_threshold_method, False,
         "One threshold, the one whose N0-th largest clique (greedy clique partition) is biggest, scanning every 0.01 "
         "from the 25th percentile up; biggest cluster first. Good when the groups are alike and well separated."),
     "paper": Method(
-        partial(counting_smaller_clusters, paper_method), False,
+        paper_method, False,
         "The paper's rule: the first threshold from the 25th percentile whose greedy clique partition has N0 "
         "cliques, biggest first; can merge groups when inter-group pairs dominate that percentile (two groups of 10 "
         "near-duplicates at N0 = 2 come out as mixed cliques of 15 and 5)."),
     "complete_linkage": Method(
-        partial(counting_smaller_clusters, complete_linkage_method), False,
+        complete_linkage_method, False,
         "Complete-linkage tree cut where the N0-th largest group is biggest, biggest first; every group is a clique "
         "at the reported threshold."),
 }
@@ -154,7 +155,7 @@ def cluster_candidates(embeddings: VectorsLike, n_clusters: int, method: str = M
                            f"its own cluster{'' if run.n == n_clusters else f', {run.n} clusters instead of N0'} "
                            "(the paper generates N = 50 x N0 candidates)"])
     else:
-        outcome = chosen.rule(run, n_clusters, min_clique_size, work_budget)
+        outcome = counting_smaller_clusters(chosen.rule, run, n_clusters, min_clique_size, work_budget)
     if not chosen.ranked_by_score:
         outcome.clusters = sorted((sorted(c) for c in outcome.clusters), key=lambda c: (-len(c), c[0]))
     clusters, completion_notes = _complete(outcome.clusters, min(n_clusters, run.n), run)

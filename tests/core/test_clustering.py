@@ -9,6 +9,7 @@ import pytest
 
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from fixtures.clique_reference import random_graph, reference_partition
 from fixtures.planted_embeddings import planted as benchmark_planted
 from fixtures.planted_embeddings import recovered
 from finextract_core.clustering import cliques as clique_engine
@@ -41,18 +42,6 @@ def two_separated_groups(per_group=10, cosine=-0.2, noise=0.003, dim=32, seed=0)
 
 
 # ------------------------------------------------------------------------------------------ reference implementation
-def reference_partition(adjacency):
-    """The paper's loop: enumerate all maximal cliques, remove the largest (ties: lexicographically first), repeat."""
-    graph = nx.from_numpy_array(adjacency)
-    graph.remove_edges_from(nx.selfloop_edges(graph))
-    cliques = []
-    while graph.number_of_nodes():
-        largest = min((sorted(c) for c in nx.find_cliques(graph)), key=lambda c: (-len(c), c))
-        cliques.append(largest)
-        graph.remove_nodes_from(largest)
-    return cliques
-
-
 def reference_paper_procedure(vectors, n_clusters, min_size):
     sims = np.rint(vectors.astype(np.float64) @ vectors.T.astype(np.float64) * SIMILARITY_SCALE).astype(np.int64)
     upper = sims[np.triu_indices(len(sims), 1)]
@@ -173,8 +162,7 @@ def test_clustering_greedy_partition_equals_networkx_reference_on_random_graphs(
     rng = np.random.default_rng(7)
     for trial in range(60):
         n = int(rng.integers(6, 26))
-        adjacency = np.triu(rng.random((n, n)) < rng.uniform(0.15, 0.85), 1)
-        adjacency = adjacency | adjacency.T
+        adjacency = random_graph(rng, n, rng.uniform(0.15, 0.85))
         ours = sorted(greedy_clique_partition(adjacency, 1))
         reference = reference_partition(adjacency)
         assert ours == sorted(reference), f"trial {trial}"
@@ -270,8 +258,7 @@ def test_clustering_budget_proof_agrees_with_the_search(monkeypatch):
     exceeded = 0
     for trial in range(40):
         n = int(rng.integers(20, 90))
-        adjacency = np.triu(rng.random((n, n)) < rng.uniform(0.3, 0.95), 1)
-        adjacency = adjacency | adjacency.T
+        adjacency = random_graph(rng, n, rng.uniform(0.3, 0.95))
         budget, min_size = int(rng.integers(50, 3000)), int(rng.integers(1, 4))
         outcomes = []
         for proof in (counted_proof, lambda *args: False):

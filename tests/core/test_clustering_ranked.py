@@ -7,6 +7,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from fixtures.clique_reference import random_graph, reference_partition
 from fixtures.realistic_candidates import COPY_LEVELS, realistic_candidates
 from finextract_core.clustering import METHODS, SIMILARITY_SCALE, THRESHOLD_STEP, cluster_candidates
 from finextract_core.clustering.cliques import greedy_clique_cover
@@ -24,17 +25,6 @@ HAND_SIMILARITIES = np.array([[1.0, 0.9, 0.7, 0.3, 0.0],
 def vectors_with_similarities(gram):
     values, vectors = np.linalg.eigh(gram)
     return vectors * np.sqrt(values)
-
-
-def reference_partition(graph):
-    """The paper's loop: enumerate all maximal cliques, remove the largest (ties: lexicographically first), repeat."""
-    graph = graph.copy()
-    cliques = []
-    while graph.number_of_nodes():
-        largest = min((sorted(c) for c in nx.find_cliques(graph)), key=lambda c: (-len(c), c))
-        cliques.append(largest)
-        graph.remove_nodes_from(largest)
-    return cliques
 
 
 def reference_score(sims, members, background):
@@ -72,12 +62,11 @@ def reference_ranked_cliques(vectors, n_clusters):
         return chosen
 
     for threshold in range(start + (highest - start) // THRESHOLD_STEP * THRESHOLD_STEP, start - 1, -THRESHOLD_STEP):
-        graph = nx.Graph()
-        graph.add_nodes_from(range(n))
-        graph.add_edges_from((i, j) for i, j in zip(*np.nonzero(np.triu(sims >= threshold, 1))))
-        if 2 * max(map(len, nx.connected_components(graph))) > n and len(choose()) == n_clusters:
+        adjacency = sims >= threshold
+        largest = max(map(len, nx.connected_components(nx.from_numpy_array(adjacency))))
+        if 2 * largest > n and len(choose()) == n_clusters:
             break
-        for clique in reference_partition(graph):
+        for clique in reference_partition(adjacency):
             if len(clique) >= 2:
                 scores.setdefault(tuple(clique), reference_score(sims, clique, background))
     chosen = [list(c) for c in choose()]
@@ -195,8 +184,7 @@ def test_greedy_clique_cover_partitions_into_cliques():
     rng = np.random.default_rng(11)
     for _ in range(30):
         n = int(rng.integers(5, 60))
-        adjacency = np.triu(rng.random((n, n)) < rng.uniform(0.1, 0.95), 1)
-        adjacency = adjacency | adjacency.T
+        adjacency = random_graph(rng, n, rng.uniform(0.1, 0.95))
         cliques = greedy_clique_cover(adjacency, 1)
         assert sorted(itertools.chain.from_iterable(cliques)) == list(range(n))
         for clique in cliques:
