@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -76,6 +76,14 @@ class ClusterResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ClusterResult:
+        """The ClusterResult whose ``to_dict()`` (or its JSON, read back) this is."""
+        def frozen(value):
+            return tuple(frozen(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+        return cls(**{field.name: frozen(values[field.name]) for field in fields(cls)})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

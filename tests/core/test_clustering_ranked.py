@@ -2,6 +2,7 @@
 re-implementation (networkx cliques of every threshold, scores from whole rows, greedy choice), the memorised images
 of realistic candidate sets found and ranked first, N0 clusters whatever the data, and the same clusters every run."""
 import itertools
+import json
 
 import networkx as nx
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from fixtures.clique_reference import random_graph, reference_partition
 from fixtures.realistic_candidates import COPY_LEVELS, realistic_candidates
-from finextract_core.clustering import METHODS, SIMILARITY_SCALE, THRESHOLD_STEP, cluster_candidates
+from finextract_core.clustering import METHODS, SIMILARITY_SCALE, THRESHOLD_STEP, ClusterResult, cluster_candidates
 from finextract_core.clustering.cliques import greedy_clique_cover
 from finextract_core.clustering.ranking import MemorisationScorer
 from finextract_core.clustering.similarities import candidate_similarities
@@ -94,6 +95,7 @@ def test_memorisation_score_equals_the_hand_computed_one():
     assert result.background == 0.2 and result.centres == (1, 3) and result.threshold == 0.7
     assert "memorisation score 0.1318 (tightness 0.7500, separation 0.6250)" in result.summary()
     assert '"scores": [' in result.to_json() and result.to_dict()["ranked_by"] == "memorisation score"
+    assert ClusterResult.from_dict(json.loads(result.to_json())) == result
 
 
 def test_memorisation_scores_of_any_cluster_equal_scores_from_whole_rows():
