@@ -16,6 +16,12 @@ from ..embeddings import Embeddings, check_unit_rows
 SIMILARITY_SCALE = 100_000  # similarities become integers in units of 1e-5
 START_PERCENTILE = 25  # the paper's first threshold: this percentile of the off-diagonal similarities
 BACKGROUND_PERCENTILE = 50  # the run's background: what a typical pair of candidates shares
+BLOCK_ENTRIES = 2 ** 22  # passes over the N x N similarities take rows in blocks of about this many entries
+
+
+def rows_per_block(n: int) -> int:
+    """Rows of an N x N matrix per block: temporaries stay tens of MB at any N."""
+    return max(1, BLOCK_ENTRIES // n)
 
 VectorsLike = Union[Embeddings, np.ndarray, Sequence[Sequence[float]]]
 
@@ -36,9 +42,9 @@ def quantised_similarities(vectors: np.ndarray) -> np.ndarray:
     """
     n = vectors.shape[0]
     sims = np.empty((n, n), dtype=np.int32)
-    rows_per_block = max(1, 2 ** 22 // n)
-    for first in range(0, n, rows_per_block):
-        last = min(n, first + rows_per_block)
+    rows = rows_per_block(n)
+    for first in range(0, n, rows):
+        last = min(n, first + rows)
         block = vectors[first:last] @ vectors[first:].T
         block *= SIMILARITY_SCALE
         np.rint(block, out=block)
@@ -82,9 +88,9 @@ def candidate_similarities(vectors: np.ndarray) -> CandidateSimilarities:
     if n == 1:  # a single candidate: every statistic is its similarity to itself
         return CandidateSimilarities(matrix, SIMILARITY_SCALE, SIMILARITY_SCALE, SIMILARITY_SCALE)
     counts = np.zeros(2 * SIMILARITY_SCALE + 1, dtype=np.int64)
-    rows_per_block = max(1, 2 ** 22 // n)
-    for first in range(0, n, rows_per_block):
-        counts += np.bincount((matrix[first:first + rows_per_block] + SIMILARITY_SCALE).ravel(),
+    rows = rows_per_block(n)
+    for first in range(0, n, rows):
+        counts += np.bincount((matrix[first:first + rows] + SIMILARITY_SCALE).ravel(),
                               minlength=len(counts))
     counts[2 * SIMILARITY_SCALE] -= n  # the diagonal
     counts //= 2  # every off-diagonal pair appears twice

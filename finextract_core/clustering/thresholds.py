@@ -8,7 +8,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .cliques import components_in_index_order, partition_component
-from .similarities import SIMILARITY_SCALE, CandidateSimilarities
+from .similarities import SIMILARITY_SCALE, CandidateSimilarities, rows_per_block
 
 THRESHOLD_STEP = SIMILARITY_SCALE // 100  # the paper's +0.01
 
@@ -159,9 +159,9 @@ def _degrees_on_grid(sims: np.ndarray, start: int, n_thresholds: int) -> np.ndar
     """N x T: column k holds every vertex's degree in the graph at threshold start + k * THRESHOLD_STEP."""
     n = len(sims)
     degrees = np.empty((n, n_thresholds), dtype=np.int64)
-    rows_per_chunk = max(1, 2 ** 22 // n)
-    for first in range(0, n, rows_per_chunk):
-        chunk = sims[first:first + rows_per_chunk].astype(np.int64)
+    rows = rows_per_block(n)
+    for first in range(0, n, rows):
+        chunk = sims[first:first + rows].astype(np.int64)
         # 0: below the start; k + 1: at least threshold k but below threshold k + 1 (the last bin is open).
         bins = np.clip((chunk - start) // THRESHOLD_STEP + 1, 0, n_thresholds)
         bins += (np.arange(len(chunk)) * (n_thresholds + 1))[:, None]
