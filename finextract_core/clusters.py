@@ -24,7 +24,7 @@ class CandidateClusters:
 
     @property
     def centres(self) -> tuple[int, ...]:
-        """The extracted candidates, one per cluster, biggest cluster first."""
+        """The extracted candidates, one per cluster, in the clusters' order."""
         return self.result.centres
 
     def extracted_embeddings(self) -> Embeddings:
@@ -37,6 +37,4 @@ def cluster_result_from_dict(values: dict) -> ClusterResult:
     if set(values) != names:
         raise ValueError(f"clusters need the fields {sorted(names)}, got {sorted(values)}: connect Clique Cluster's "
                          "clusters_json")
-    tuples = {name: tuple(values[name]) for name in ("centres", "sizes", "mean_similarities", "scores", "tightness",
-                                                     "separation", "notes")}
-    return ClusterResult(**{**values, **tuples, "members": tuple(tuple(m) for m in values["members"])})
+    return ClusterResult.from_dict(values)
