@@ -234,7 +234,16 @@ def test_workflows_saved_before_the_typed_handoffs_still_run(server, object_info
     entry, folders = run_small(server, object_info, name, OLD_WORKFLOWS_DIR)
     check_report(server, entry, name, folders)
     if name in ("finextract_dreambooth", "finextract_lora"):  # today's template of the same graph: the same report
-        _, (today,) = run_small(server, object_info, f"{name}_one_batch")
+        # ...with the clustering method the old file saved (the default has since become ranked_cliques).
+        (saved,) = [node["inputs"]["method"] for node in small_prompt(server, object_info, name, OLD_WORKFLOWS_DIR)
+                    .values() if node["class_type"] == "FineXtractCliqueCluster"]
+        prompt = small_prompt(server, object_info, f"{name}_one_batch")
+        for node in prompt.values():
+            if node["class_type"] == "FineXtractCliqueClusterV2":
+                node["inputs"]["method"] = saved
+        entry = server.run(prompt, timeout=300)
+        assert execution_error(entry) is None, execution_error(entry)
+        (today,) = report_folders(prompt, os.path.join(server.base, "output"))
         (old,) = folders
         for file in REPORT_FILES:
             with open(os.path.join(old, file), "rb") as a, open(os.path.join(today, file), "rb") as b:
