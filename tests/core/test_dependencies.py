@@ -21,8 +21,8 @@ DISTRIBUTIONS = {"PIL": "pillow", "open_clip": "open-clip-torch"}  # import name
 def product_files() -> list[str]:
     files = [os.path.join(ROOT, "__init__.py")]
     for folder in ("nodes", "finextract_core"):
-        files += sorted(os.path.join(ROOT, folder, name) for name in os.listdir(os.path.join(ROOT, folder))
-                        if name.endswith(".py"))
+        for directory, _, names in sorted(os.walk(os.path.join(ROOT, folder))):
+            files += sorted(os.path.join(directory, name) for name in names if name.endswith(".py"))
     return files
 
 
