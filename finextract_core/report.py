@@ -5,7 +5,7 @@ Nothing in a report depends on the time or the machine, so the same inputs give 
 be compared with a plain diff. report.json's fields (docs/architecture.md lists them): pack_version, models (role,
 file, folder, bytes, sha256), sampling (RunSettings.to_dict), embedder (model_id, preset, dim), clustering
 (ClusterResult.to_dict), metrics (ExtractionScores.to_dict, or null without references), extracted (index, file,
-cluster_size, sha256), references (reference, best_match, score, name; best score first), meaning, not_meaning.
+cluster_size, memorisation_score, sha256), references (reference, best_match, score, name; best score first), meaning, not_meaning.
 
 A score's band (above the strict threshold, above the loose one, or below both) and its colour are decided here once,
 for the report, the metrics grid and the panel in the graph.
@@ -110,19 +110,26 @@ def summary_with_references(references: torch.Tensor, extracted: torch.Tensor, r
     return summary
 
 
-def summary_of_clusters(extracted: torch.Tensor, sizes: list[int]) -> Image.Image:
-    """The extracted images in a grid, each labelled with its cluster size (no references to score against)."""
-    columns = min(len(sizes), 5)
-    label = 26
-    grid_rows = -(-len(sizes) // columns)
+def cluster_order(clusters: ClusterResult) -> str:
+    """How the extracted images are ordered, in words for headings."""
+    return "likeliest memorised first" if clusters.ranked_by == "memorisation score" else "biggest cluster first"
+
+
+def summary_of_clusters(extracted: torch.Tensor, clusters: ClusterResult) -> Image.Image:
+    """The extracted images in a grid, each labelled with its cluster's size and memorisation score (no references
+    to score against)."""
+    columns = min(clusters.n_clusters, 5)
+    label = 44
+    grid_rows = -(-clusters.n_clusters // columns)
     summary = Image.new("RGB", (columns * CELL, 40 + grid_rows * (CELL + label)), "white")
     draw = ImageDraw.Draw(summary)
-    draw.text((8, 10), "extracted images (cluster centres, biggest cluster first); no references given",
+    draw.text((8, 10), f"extracted images (cluster centres, {cluster_order(clusters)}); no references given",
               fill="black", font=_font(14))
-    for index, size in enumerate(sizes):
+    for index, (size, score) in enumerate(zip(clusters.sizes, clusters.scores)):
         left, top = (index % columns) * CELL, 40 + (index // columns) * (CELL + label)
         summary.paste(to_pil(extracted[index]).resize((CELL, CELL), Image.BICUBIC), (left, top))
         draw.text((left + 6, top + CELL + 4), f"#{index}: {size} candidates", fill="black", font=_font(14))
+        draw.text((left + 6, top + CELL + 22), f"memorisation score {score:.3f}", fill="black", font=_font(13))
     return summary
 
 
@@ -168,10 +175,12 @@ def render_html(report: dict, summary_png: bytes, extracted_pngs: list[bytes], r
                 f"src='{_data_uri(extracted_pngs[row['best_match']])}'><br>extracted #{row['best_match']}</td>"
                 f"<td>{row['score']:.4f}</td><td>{exceeded or 'none'}</td></tr>")
         parts.append("</table>")
-    parts.append("<h2>Extracted images (cluster centres, biggest cluster first)</h2><table><tr>")
+    order = cluster_order(ClusterResult.from_dict(report["clustering"]))
+    parts.append(f"<h2>Extracted images (cluster centres, {order})</h2><table><tr>")
     for entry, png in zip(report["extracted"], extracted_pngs):
         parts.append(f"<td><img class='cell' alt='extracted' src='{_data_uri(png)}'><br>#{entry['index']}: "
-                     f"{entry['cluster_size']} candidates<br>{escape(entry['file'])}</td>")
+                     f"{entry['cluster_size']} candidates<br>memorisation score {entry['memorisation_score']:.4f}"
+                     f"<br>{escape(entry['file'])}</td>")
     parts.append("</tr></table><h2>How to reproduce this run</h2><h3>Model files</h3><table><tr><th>role</th>"
                  "<th>file</th><th>folder</th><th>bytes</th><th>SHA-256</th></tr>")
     for model in report["models"]:
@@ -208,7 +217,7 @@ class AuditReport:
 def make_report(extracted: torch.Tensor, settings: RunSettings, clusters: ClusterResult,
                 extracted_embeddings: Embeddings, models: list[dict], references: torch.Tensor | None = None,
                 scores: ExtractionScores | None = None, reference_names: Sequence[str] | None = None) -> AuditReport:
-    """The report of ``extracted`` (one image per cluster, biggest cluster first, as Extracted Images gives them),
+    """The report of ``extracted`` (one image per cluster, in the clusters' order, as Extracted Images gives them),
     scored against ``references`` when ``scores`` (their Extraction Metrics) is given. ``reference_names`` label the
     references when there is one per reference; otherwise they are numbered."""
     if (references is None) != (scores is None):
@@ -226,15 +235,17 @@ def make_report(extracted: torch.Tensor, settings: RunSettings, clusters: Cluste
                      "dim": extracted_embeddings.dim},
         "clustering": clusters.to_dict(),
         "metrics": None,
-        "extracted": [{"index": i, "file": name, "cluster_size": size, "sha256": hashlib.sha256(png).hexdigest()}
-                      for i, (name, size, png) in enumerate(zip(extracted_files, clusters.sizes, extracted_pngs))],
+        "extracted": [{"index": i, "file": name, "cluster_size": size, "memorisation_score": score,
+                       "sha256": hashlib.sha256(png).hexdigest()}
+                      for i, (name, size, score, png) in enumerate(zip(extracted_files, clusters.sizes, clusters.scores,
+                                                                       extracted_pngs))],
         "references": [],
         "meaning": MEANING,
         "not_meaning": NOT_MEANING,
     }
     reference_pngs = []
     if scores is None:
-        summary = summary_of_clusters(extracted, list(clusters.sizes))
+        summary = summary_of_clusters(extracted, clusters)
         headline = f"{len(extracted_files)} extracted images, no references"
     else:
         _check_scores(scores, references, extracted_embeddings)
@@ -294,7 +305,7 @@ def panel(report: AuditReport, subfolder: str) -> dict:
     bands = [score_band(row["score"], thresholds) for row in report.content["references"]]
     return {
         "subfolder": subfolder, "html": HTML_NAME, "json": JSON_NAME, "headline": report.headline,
-        "clusters": [{"filename": entry["file"], "size": entry["cluster_size"]}
+        "clusters": [{"filename": entry["file"], "size": entry["cluster_size"], "score": entry["memorisation_score"]}
                      for entry in report.content["extracted"]],
         "scores": [{**row, "band": band, "colour": band_hex(band)}
                    for row, band in zip(report.content["references"], bands)],

@@ -23,9 +23,10 @@ SETTINGS = RunSettings(mode="finextract", guidance_scale=5.0, k=0.0, seed=3, ste
                        scheduler="ddim_uniform", denoise=1.0, latent_shape=(4, 8, 8), candidates=4, first_candidate=0,
                        noise="per-candidate-noise-v2", model_family="SD15", fine_tune="base + LoRA (shared weights)",
                        pack_version="0.1.0")
-CLUSTERS = ClusterResult(method="paper", n_candidates=4, n_clusters=2, min_clique_size=1, threshold=0.5,
-                         centres=(2, 0), members=((1, 2), (0, 3)), sizes=(2, 2), mean_similarities=(0.9, 0.8),
-                         notes=("a note",))
+CLUSTERS = ClusterResult(method="ranked_cliques", n_candidates=4, n_clusters=2, min_clique_size=1, threshold=0.5,
+                         background=0.1, ranked_by="memorisation score", centres=(2, 0), members=((1, 2), (0, 3)),
+                         sizes=(2, 2), mean_similarities=(0.9, 0.8), scores=(0.61, 0.25), tightness=(0.9, 0.8),
+                         separation=(0.8, 0.5), notes=("a note",))
 # Colours that are whole bytes, so the PNGs hold them exactly.
 EXTRACTED_COLOURS = [(200, 20, 20), (20, 40, 220)]
 REFERENCE_COLOURS = [(250, 0, 0), (0, 0, 250), (0, 250, 0)]
@@ -80,6 +81,10 @@ def test_report_json_holds_the_typed_values():
         png = report.files[entry["file"]]
         assert entry["sha256"] == hashlib.sha256(png).hexdigest() and entry["cluster_size"] == 2
         assert (pixels(png) == colour).all()
+    assert [entry["memorisation_score"] for entry in content["extracted"]] == [0.61, 0.25]
+    page = report.files[HTML_NAME].decode()
+    assert "likeliest memorised first" in page and "biggest cluster first" not in page
+    assert "memorisation score 0.6100" in page and "memorisation score 0.2500" in page
     assert sorted(report.files) == ["extracted_00.png", "extracted_01.png", HTML_NAME, JSON_NAME, SUMMARY_NAME]
 
 
@@ -121,8 +126,8 @@ def test_panel_gives_each_score_its_band_and_colour():
     assert [(row["band"], row["colour"]) for row in shown["scores"]] == [
         ("strict", "#008c00"), ("loose", "#c87800"), ("below", "#b40000")]
     assert shown["thresholds"] == ["0.6", "0.7"] and shown["subfolder"] == "finextract/audit"
-    assert shown["clusters"] == [{"filename": "extracted_00.png", "size": 2}, {"filename": "extracted_01.png",
-                                                                                "size": 2}]
+    assert shown["clusters"] == [{"filename": "extracted_00.png", "size": 2, "score": 0.61},
+                                 {"filename": "extracted_01.png", "size": 2, "score": 0.25}]
 
 
 def test_write_report_replaces_a_previous_one(tmp_path):

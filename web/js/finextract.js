@@ -41,10 +41,10 @@ function upstreamNode(node, inputName) {
 }
 
 function gallery(panel) {
-  const cells = panel.clusters.map(({ filename, size }, index) => {
+  const cells = panel.clusters.map(({ filename, size, score }, index) => {
     const image = element("img", { src: viewUrl(panel.subfolder, filename), title: filename });
     image.style.cssText = "width: 96px; height: 96px; object-fit: cover; display: block;";
-    return element("figure", {}, [image, element("figcaption", { textContent: `#${index}: ${size} candidates` })]);
+    return element("figure", {}, [image, element("figcaption", { textContent: `#${index}: ${size} candidates, score ${score.toFixed(3)}` })]);
   });
   const grid = element("div", {}, cells);
   grid.style.cssText = "display: flex; flex-wrap: wrap; gap: 6px;";
