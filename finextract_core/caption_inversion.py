@@ -76,6 +76,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .frozen_linear import FrozenLinear
+
 CROSS_ATTENTION_TEXT_PROJECTIONS = ("attn2.to_k.weight", "attn2.to_v.weight")
 
 NO_CROSS_ATTENTION_MESSAGE = (
@@ -166,7 +168,7 @@ class CaptionScorer:
         change_in_principal = (finetuned - pretrained) @ principal
         # ||(beta+ - beta-) P e||^2 = (P^T e)^T G (P^T e) with G the Gram of the change: factor G = W diag(s^2) W^T.
         strengths, change_directions = _descending_eigenpairs(change_in_principal.T @ change_in_principal)
-        self.readout = (strengths.sqrt()[:, None] * (principal @ change_directions).T).float()
+        self.readout = FrozenLinear((strengths.sqrt()[:, None] * (principal @ change_directions).T).float())
         self.rank = principal.shape[1]
         self.shared_basis = (
             None if shared_directions is None else torch.linalg.qr(shared_directions.detach().double().cpu().T).Q.float()
@@ -178,7 +180,7 @@ class CaptionScorer:
             basis = self.shared_basis.to(embeddings)
             embeddings = embeddings - (embeddings @ basis) @ basis.T
         unit = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(embeddings.dtype).tiny)
-        return (unit @ self.readout.to(unit).T).norm(dim=-1)
+        return self.readout(unit).norm(dim=-1)
 
     def score_sequence(self, context_rows: torch.Tensor) -> torch.Tensor:
         """F of prompts given as context rows ``[..., rows, text_dim]``, pooled by root mean square: returns ``[...]``."""
@@ -193,13 +195,19 @@ class TextEncoderAccess:
     encode_embeddings: Callable[[torch.Tensor], torch.Tensor]
     start_token_id: int
     end_token_id: int
+    encode_after_start: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Optional, for a causal encoder that keeps what the start token contributes: input embeddings of the positions
+    after the start token -> their rows, the same as ``encode_embeddings`` of the sequence with the start token in
+    front, without that token's row."""
 
     def encode_prompts(self, prompt_embeddings: torch.Tensor) -> torch.Tensor:
         """Context rows of the prompt tokens and the end token, ``[batch, prompt tokens + 1, text_dim]``."""
         batch = prompt_embeddings.shape[0]
         table = self.token_embeddings.to(prompt_embeddings)
-        start = table[self.start_token_id].expand(batch, 1, -1)
         end = table[self.end_token_id].expand(batch, 1, -1)
+        if self.encode_after_start is not None:
+            return self.encode_after_start(torch.cat([prompt_embeddings, end], dim=1))
+        start = table[self.start_token_id].expand(batch, 1, -1)
         return self.encode_embeddings(torch.cat([start, prompt_embeddings, end], dim=1))[:, 1:]
 
     def candidate_token_ids(self, excluded: Sequence[int] = ()) -> torch.Tensor:
@@ -306,7 +314,8 @@ def search_hard_prompt(
         text_encoder.candidate_token_ids() if candidate_token_ids is None else candidate_token_ids
     ).to(table.device)
     allowed_table = table[allowed_ids].detach().float()
-    allowed_directions = torch.nn.functional.normalize(allowed_table, dim=-1)
+    # Cosine similarity to every allowed token, for all restarts and positions at once: one product per step.
+    cosine_to_allowed = FrozenLinear(torch.nn.functional.normalize(allowed_table, dim=-1))
 
     generator = torch.Generator().manual_seed(seed)
     start_ids = torch.randint(len(allowed_ids), (restarts, prompt_tokens), generator=generator)
@@ -316,7 +325,7 @@ def search_hard_prompt(
     seen: dict[tuple[int, ...], float] = {}
     for step in range(iterations + 1):
         with torch.no_grad():
-            nearest = (torch.nn.functional.normalize(continuous, dim=-1) @ allowed_directions.T).argmax(dim=-1)
+            nearest = cosine_to_allowed(torch.nn.functional.normalize(continuous, dim=-1)).argmax(dim=-1)
         projected = allowed_table[nearest].requires_grad_(True)
         scores = scorer.score_sequence(text_encoder.encode_prompts(projected.to(table.dtype)))
         for ids, score in zip(allowed_ids[nearest].tolist(), scores.tolist()):
@@ -331,3 +340,4 @@ def search_hard_prompt(
 
     ranked = sorted(seen.items(), key=lambda item: item[1], reverse=True)[:kept_candidates]
     return HardPromptSearchResult(tuple(PromptCandidate(token_ids=ids, score=score) for ids, score in ranked))
+

@@ -14,16 +14,22 @@ layer after final_layer_norm (or, with clip skip, an earlier layer, normalised o
 layer of CLIP-L and of OpenCLIP bigG without the final norm. Only the layers up to the one returned are run.
 
 The attention is causal, so the first ``n`` rows of a sequence do not depend on what follows them: encoding ``n``
-positions gives exactly the first ``n`` rows of an encoding padded to the full context length.
+positions gives exactly the first ``n`` rows of an encoding padded to the full context length. For the same reason a
+prefix that every sequence shares (the start token) has the same keys and values in every layer whatever follows it:
+``encode_prefix`` computes them once and ``encode_embeddings(..., prefix=...)`` encodes only the positions after it,
+which gives the same rows as encoding the whole sequence. The linear maps run through ``FrozenLinear`` (oneDNN on
+the CPU; the weights never get gradients).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .caption_inversion import TextEncoderAccess
+from .frozen_linear import FrozenLinear
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP (CLIP-L)
@@ -32,12 +38,21 @@ ACTIVATIONS = {
 }
 LAYER_NORM_EPS = 1e-5  # CLIP's and OpenCLIP's layer_norm_eps
 
-_LAYER_KEYS = (
-    "layer_norm1.weight", "layer_norm1.bias", "layer_norm2.weight", "layer_norm2.bias",
-    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-)  # fmt: skip
+_LAYER_NORMS = ("layer_norm1", "layer_norm2")
+_LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class EncodedPrefix:
+    """The self-attention keys and values of every layer at the first positions of a sequence, ``[1, heads, positions,
+    head width]`` each: what the positions after them read (``FunctionalClipText.encode_prefix``)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def positions(self) -> int:
+        return self.keys[0].shape[2]
 
 
 def _strip_to_text_model(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,10 +104,13 @@ class FunctionalClipText:
 
         self.token_embeddings = own("text_model.embeddings.token_embedding.weight")
         self.position_embeddings = own("text_model.embeddings.position_embedding.weight")
-        self.layers = [
-            {name: own(f"text_model.encoder.layers.{index}.{name}") for name in _LAYER_KEYS}
-            for index in range(self.output_layer + 1)
-        ]
+        self.layers = []
+        for index in range(self.output_layer + 1):
+            stem = f"text_model.encoder.layers.{index}."
+            layer = {name: (own(f"{stem}{name}.weight"), own(f"{stem}{name}.bias")) for name in _LAYER_NORMS}
+            layer.update({name: FrozenLinear(own(f"{stem}{name}.weight"), own(f"{stem}{name}.bias"))
+                          for name in _LAYER_LINEARS})
+            self.layers.append(layer)
         self.final_norm = (own("text_model.final_layer_norm.weight"), own("text_model.final_layer_norm.bias"))
         if self.token_embeddings.shape[1] % heads:
             raise ValueError(f"width {self.token_embeddings.shape[1]} is not divisible by {heads} attention heads")
@@ -101,32 +119,55 @@ class FunctionalClipText:
     def width(self) -> int:
         return self.token_embeddings.shape[1]
 
-    def _self_attention(self, x: torch.Tensor, layer: dict[str, torch.Tensor]) -> torch.Tensor:
-        def heads_first(projection: str) -> torch.Tensor:
-            projected = F.linear(x, layer[f"self_attn.{projection}.weight"], layer[f"self_attn.{projection}.bias"])
-            return projected.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+    def _heads_first(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(heads_first("q_proj"), heads_first("k_proj"), heads_first("v_proj"),
-                                                  is_causal=True)
-        return F.linear(attended.transpose(1, 2).flatten(-2), layer["self_attn.out_proj.weight"],
-                        layer["self_attn.out_proj.bias"])
-
-    def _layer(self, x: torch.Tensor, layer: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _layer(self, x: torch.Tensor, layer: dict, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """One layer on ``x``, after the ``prefix`` keys and values if given: returns (output, x's keys, x's values)."""
         width = (self.width,)
-        x = x + self._self_attention(
-            F.layer_norm(x, width, layer["layer_norm1.weight"], layer["layer_norm1.bias"], LAYER_NORM_EPS), layer)
-        hidden = F.linear(F.layer_norm(x, width, layer["layer_norm2.weight"], layer["layer_norm2.bias"], LAYER_NORM_EPS),
-                          layer["mlp.fc1.weight"], layer["mlp.fc1.bias"])
-        return x + F.linear(self.activation(hidden), layer["mlp.fc2.weight"], layer["mlp.fc2.bias"])
+        normed = F.layer_norm(x, width, *layer["layer_norm1"], LAYER_NORM_EPS)
+        queries, keys, values = (self._heads_first(layer[f"self_attn.{name}"](normed))
+                                 for name in ("q_proj", "k_proj", "v_proj"))
+        if prefix is None:
+            attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
+        else:
+            batch, _, positions, _ = queries.shape
+            read_keys, read_values = (torch.cat([before.expand(batch, -1, -1, -1), own], dim=2)
+                                      for before, own in zip(prefix, (keys, values)))
+            # Causal after the prefix: the i-th position reads the whole prefix and the positions up to itself.
+            visible = torch.ones(positions, read_keys.shape[2], dtype=torch.bool, device=x.device).tril(
+                prefix[0].shape[2])
+            attended = F.scaled_dot_product_attention(queries, read_keys, read_values, attn_mask=visible)
+        x = x + layer["self_attn.out_proj"](attended.transpose(1, 2).flatten(-2))
+        hidden = layer["mlp.fc1"](F.layer_norm(x, width, *layer["layer_norm2"], LAYER_NORM_EPS))
+        return x + layer["mlp.fc2"](self.activation(hidden)), keys, values
 
-    def encode_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Input token embeddings ``[batch, positions, width]`` -> the chosen hidden state ``[batch, positions, width]``."""
-        positions = embeddings.shape[1]
-        if positions > self.position_embeddings.shape[0]:
-            raise ValueError(f"{positions} positions exceed the encoder's context length {self.position_embeddings.shape[0]}")
-        x = embeddings.float() + self.position_embeddings[:positions]
+    def _embedded(self, embeddings: torch.Tensor, first_position: int) -> torch.Tensor:
+        end = first_position + embeddings.shape[1]
+        if end > self.position_embeddings.shape[0]:
+            raise ValueError(f"{end} positions exceed the encoder's context length {self.position_embeddings.shape[0]}")
+        return embeddings.float() + self.position_embeddings[first_position:end]
+
+    @torch.no_grad()
+    def encode_prefix(self, embeddings: torch.Tensor) -> EncodedPrefix:
+        """The keys and values every layer computes at the first positions of a sequence, from their input token
+        embeddings ``[positions, width]``: pass it to ``encode_embeddings`` to encode the positions after them."""
+        x = self._embedded(embeddings[None], 0)
+        keys, values = [], []
         for layer in self.layers:
-            x = self._layer(x, layer)
+            x, layer_keys, layer_values = self._layer(x, layer)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return EncodedPrefix(tuple(keys), tuple(values))
+
+    def encode_embeddings(self, embeddings: torch.Tensor, prefix: EncodedPrefix | None = None) -> torch.Tensor:
+        """Input token embeddings ``[batch, positions, width]`` -> the chosen hidden state ``[batch, positions, width]``.
+
+        With ``prefix``, the embeddings are those of the positions that follow it, and the rows are theirs.
+        """
+        x = self._embedded(embeddings, 0 if prefix is None else prefix.positions)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(x, layer, None if prefix is None else (prefix.keys[index], prefix.values[index]))[0]
         if self.final_layer_norm:
             x = F.layer_norm(x, (self.width,), *self.final_norm, LAYER_NORM_EPS)
         return x
@@ -142,20 +183,26 @@ def text_encoder_access(
     """One or several CLIP text encoders that share a vocabulary, as caption inversion reads them.
 
     Several encoders (SDXL: CLIP-L then bigG) are concatenated on the feature axis, in the order given, both in the
-    token table and in the output rows, as the diffusion model's context concatenates them.
+    token table and in the output rows, as the diffusion model's context concatenates them. Every prompt starts with
+    the start token, so each encoder's keys and values there are computed once, here, and prompts are encoded after it.
     """
     if not encoders:
         raise ValueError("no text encoder given")
     vocabularies = {encoder.token_embeddings.shape[0] for encoder in encoders}
     if len(vocabularies) != 1:
         raise ValueError(f"the text encoders have different vocabulary sizes {sorted(vocabularies)}")
-    if len(encoders) == 1:
-        return TextEncoderAccess(encoders[0].token_embeddings, encoders[0].encode_embeddings, start_token_id, end_token_id)
     widths = [encoder.width for encoder in encoders]
+    start_prefixes = [encoder.encode_prefix(encoder.token_embeddings[start_token_id, None]) for encoder in encoders]
 
     def encode_concatenated(embeddings: torch.Tensor) -> torch.Tensor:
         parts = embeddings.split(widths, dim=-1)
         return torch.cat([encoder.encode_embeddings(part) for encoder, part in zip(encoders, parts)], dim=-1)
 
-    table = torch.cat([encoder.token_embeddings for encoder in encoders], dim=1)
-    return TextEncoderAccess(table, encode_concatenated, start_token_id, end_token_id)
+    def encode_after_start(embeddings: torch.Tensor) -> torch.Tensor:
+        parts = embeddings.split(widths, dim=-1)
+        return torch.cat([encoder.encode_embeddings(part, prefix=start)
+                          for encoder, part, start in zip(encoders, parts, start_prefixes)], dim=-1)
+
+    table = encoders[0].token_embeddings if len(encoders) == 1 else torch.cat(
+        [encoder.token_embeddings for encoder in encoders], dim=1)
+    return TextEncoderAccess(table, encode_concatenated, start_token_id, end_token_id, encode_after_start)

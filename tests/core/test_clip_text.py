@@ -6,6 +6,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from finextract_core.clip_text import FunctionalClipText, text_encoder_access
+from fixtures.caption_trials import onednn_enabled
 
 VOCABULARY = 300
 START, END = VOCABULARY - 2, VOCABULARY - 1
@@ -106,3 +107,69 @@ def test_bad_settings_are_refused_with_what_exists():
         FunctionalClipText({"model.diffusion_model.x.weight": torch.zeros(1)}, heads=4)
     with pytest.raises(ValueError, match="exceed the encoder's context length 12"):
         FunctionalClipText(state, heads=4).encode_ids(ids(1, 13))
+
+
+def rows_after_a_shared_prefix(prefix_length: int, batch: int = 3, positions: int = 8, seed: int = 11) -> torch.Tensor:
+    tokens = ids(batch, positions, seed=seed)
+    tokens[:, :prefix_length] = tokens[0, :prefix_length]
+    return tokens
+
+
+@pytest.mark.parametrize("prefix_length", [1, 3])
+@pytest.mark.parametrize("output_layer, final_norm", [(-1, True), (-2, False)])
+def test_positions_after_an_encoded_prefix_equal_transformers_rows_of_the_whole_sequence(prefix_length, output_layer,
+                                                                                          final_norm):
+    model = reference_clip(7)
+    tokens = rows_after_a_shared_prefix(prefix_length)
+    hidden = model(input_ids=tokens, output_hidden_states=True).hidden_states[output_layer]
+    expected = model.final_layer_norm(hidden) if final_norm else hidden
+    encoder = FunctionalClipText(text_model_state(model), heads=4, output_layer=output_layer,
+                                 final_layer_norm=final_norm)
+    prefix = encoder.encode_prefix(encoder.token_embeddings[tokens[0, :prefix_length]])
+    assert prefix.positions == prefix_length and len(prefix.keys) == len(encoder.layers)
+    actual = encoder.encode_embeddings(encoder.token_embeddings[tokens[:, prefix_length:]], prefix=prefix)
+    assert torch.allclose(actual, expected[:, prefix_length:], atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_prompts_encoded_after_the_kept_start_token_give_transformers_rows_and_gradients(onednn):
+    """What the search runs: [start, prompt, end] without re-encoding the start token, differentiated."""
+    model = reference_clip(8)
+    with onednn_enabled(onednn):
+        access = text_encoder_access([FunctionalClipText(text_model_state(model), heads=4)], START, END)
+    prompts = ids(3, 4, seed=12)
+    probe = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(13))
+
+    embeddings = access.token_embeddings[prompts].clone().requires_grad_(True)
+    rows = access.encode_prompts(embeddings)
+    (gradient,) = torch.autograd.grad((probe * rows).sum(), embeddings)
+
+    reference_embeddings = model.get_input_embeddings().weight[prompts].clone().requires_grad_(True)
+    batch = len(prompts)
+    table = model.get_input_embeddings().weight
+    sequence = torch.cat([table[START].expand(batch, 1, -1), reference_embeddings, table[END].expand(batch, 1, -1)], 1)
+    hidden = model.encoder(inputs_embeds=sequence + model.embeddings.position_embedding.weight[:6],
+                           is_causal=True).last_hidden_state
+    expected = model.final_layer_norm(hidden)[:, 1:]
+    (expected_gradient,) = torch.autograd.grad((probe * expected).sum(), reference_embeddings)
+    assert torch.allclose(rows, expected, atol=1e-5)
+    assert torch.allclose(gradient, expected_gradient, atol=1e-5 * float(expected_gradient.abs().max()))
+
+
+def test_two_encoders_keep_their_own_start_tokens_and_concatenate_rows_as_without():
+    first = FunctionalClipText(text_model_state(reference_clip(9, width=32, heads=2)), heads=2, output_layer=-2,
+                               final_layer_norm=False)
+    second = FunctionalClipText(text_model_state(reference_clip(10, width=48, heads=3, activation="gelu")), heads=3,
+                                activation="gelu", output_layer=-2, final_layer_norm=False)
+    access = text_encoder_access([first, second], START, END)
+    prompts = access.token_embeddings[ids(2, 3, seed=14)]
+    with_start = torch.cat([access.token_embeddings[START].expand(2, 1, -1), prompts,
+                            access.token_embeddings[END].expand(2, 1, -1)], dim=1)
+    assert torch.allclose(access.encode_prompts(prompts), access.encode_embeddings(with_start)[:, 1:], atol=1e-5)
+
+
+def test_a_prefix_counts_towards_the_context_length():
+    encoder = FunctionalClipText(text_model_state(reference_clip(6)), heads=4)
+    prefix = encoder.encode_prefix(encoder.token_embeddings[ids(1, 2)[0]])
+    with pytest.raises(ValueError, match="13 positions exceed the encoder's context length 12"):
+        encoder.encode_embeddings(encoder.token_embeddings[ids(1, 11)], prefix=prefix)

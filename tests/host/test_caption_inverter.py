@@ -161,7 +161,11 @@ def test_the_functional_clip_equals_comfyuis_encode_at_the_layer_the_clip_uses(s
         (encoder,) = setup["captions"].functional_text_encoders(clip, "cpu")
         rows = len(CAPTION.split()) + 2
         actual = encoder.encode_ids(ids[:, :rows])
+        # What the search runs: the start token's keys and values kept, the caption and end token encoded after it.
+        access = setup["captions"].text_encoder_access([encoder], int(ids[0, 0]), int(ids[0, rows - 1]))
+        after_start = access.encode_prompts(encoder.token_embeddings[ids[:, 1:rows - 1]])
     assert torch.allclose(actual, expected[:, :rows], atol=1e-4 * expected.abs().max()), (actual - expected[:, :rows]).abs().max()
+    assert torch.allclose(after_start, expected[:, 1:rows], atol=1e-4 * expected.abs().max())
     if clip_skip not in (None, -1):  # an earlier layer really is a different output
         with torch.inference_mode():
             last = setup["clip"].encode_from_tokens(tokens)
