@@ -341,3 +341,42 @@ def search_hard_prompt(
     ranked = sorted(seen.items(), key=lambda item: item[1], reverse=True)[:kept_candidates]
     return HardPromptSearchResult(tuple(PromptCandidate(token_ids=ids, score=score) for ids, score in ranked))
 
+
+SHARED_DIRECTION_SAMPLES = 256  # random prompts per length whose mean rows are the shared directions
+KEPT_CANDIDATES = 20
+
+
+@dataclass(frozen=True)
+class CaptionInversion:
+    scorer: CaptionScorer
+    search: HardPromptSearchResult
+    single_tokens: tuple[PromptCandidate, ...]
+    """The best single-token prompts among the ranked tokens, best first."""
+
+
+def invert_caption(
+    projections: CrossAttentionProjections,
+    text_encoder: TextEncoderAccess,
+    prompt_tokens: int = 3,
+    iterations: int = 1000,
+    restarts: int = 4,
+    seed: int = 0,
+    candidate_token_ids: torch.Tensor | None = None,
+    ranked_token_ids: torch.Tensor | None = None,
+    rank: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> CaptionInversion:
+    """Appendix A end to end: the scorer with the directions that prompts of 1 and ``prompt_tokens`` tokens share
+    removed, the hard-prompt search, and the single tokens ``ranked_token_ids`` ranked by F (default: the tokens of
+    the search's candidates). ``seed`` seeds both the reference prompts and the search's starting prompts."""
+    shared = mean_context_rows(text_encoder, (1, prompt_tokens), samples=SHARED_DIRECTION_SAMPLES, seed=seed,
+                               candidate_token_ids=candidate_token_ids)
+    scorer = CaptionScorer(projections, rank=rank, shared_directions=shared)
+    search = search_hard_prompt(scorer, text_encoder, prompt_tokens=prompt_tokens, iterations=iterations,
+                                restarts=restarts, seed=seed, candidate_token_ids=candidate_token_ids,
+                                kept_candidates=KEPT_CANDIDATES, on_step=on_step)
+    if ranked_token_ids is None:
+        ranked_token_ids = torch.tensor(sorted({i for candidate in search.candidates for i in candidate.token_ids}))
+    singles = rank_single_tokens(scorer, encode_single_token_prompts(text_encoder, ranked_token_ids), ranked_token_ids,
+                                 top_k=KEPT_CANDIDATES)
+    return CaptionInversion(scorer, search, tuple(singles))

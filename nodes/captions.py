@@ -8,7 +8,7 @@ the CLIP object itself encodes with (its clip-skip setting included), so the sea
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,13 +22,10 @@ from comfy_api.latest import io
 
 from ..finextract_core.caption_inversion import (
     CROSS_ATTENTION_TEXT_PROJECTIONS,
-    CaptionScorer,
+    KEPT_CANDIDATES,
     PromptCandidate,
-    encode_single_token_prompts,
     gather_cross_attention_projections,
-    mean_context_rows,
-    rank_single_tokens,
-    search_hard_prompt,
+    invert_caption,
 )
 from ..finextract_core.clip_text import FunctionalClipText, text_encoder_access
 from .guider import check_same_family
@@ -39,11 +36,9 @@ VOCABULARIES = {
     "all tokens": "every CLIP token, word pieces and punctuation included: may score higher, reads worse",
 }
 SINGLE_TOKEN_RANKINGS = {
-    "search candidates": "rank the tokens that appear in the search's candidate captions (seconds)",
-    "whole vocabulary": "rank every token of the vocabulary (minutes on a CPU for CLIP-L, far more for SDXL's bigG)",
+    "search candidates": "rank the tokens that appear in the search's candidate captions (a few dozen)",
+    "whole vocabulary": "rank every token the search may use (one encoding each: about 33,000 for whole words)",
 }
-SHARED_DIRECTION_SAMPLES = 256  # random prompts per length whose mean rows every prompt shares (see the core)
-KEPT_CANDIDATES = 20
 WHOLE_WORD = re.compile(r"[a-z]+</w>")
 
 
@@ -161,13 +156,13 @@ def _candidate_vocabulary(token_texts: dict[int, str], vocabulary: str, search_w
     return torch.tensor(ids)
 
 
-def _ranked_lines(candidates: list[PromptCandidate], token_texts: dict[int, str]) -> str:
+def _ranked_lines(candidates: Sequence[PromptCandidate], token_texts: dict[int, str]) -> str:
     return "\n".join(f"{c.score:.5f}\t{caption_text(c.token_ids, token_texts)}" for c in candidates)
 
 
-def invert_caption(fine_tuned, pretrained, clip, max_words: int, iterations: int, restarts: int, seed: int,
-                   vocabulary: str, single_token_ranking: str, search_words: str, excluded_words: str,
-                   on_step=None):
+def recover_caption(fine_tuned, pretrained, clip, max_words: int, iterations: int, restarts: int, seed: int,
+                    vocabulary: str, single_token_ranking: str, search_words: str, excluded_words: str,
+                    on_step=None):
     """Returns (best caption, ranked captions, ranked single tokens) as text; see the node for the inputs."""
     _check_pair(fine_tuned, pretrained)
     projections = gather_cross_attention_projections(
@@ -188,21 +183,13 @@ def invert_caption(fine_tuned, pretrained, clip, max_words: int, iterations: int
     token_texts = _token_texts(clip)
     allowed = _candidate_vocabulary(token_texts, vocabulary, search_words, excluded_words,
                                     {access.start_token_id, access.end_token_id})
-
-    shared = mean_context_rows(access, (1, max_words), samples=SHARED_DIRECTION_SAMPLES, seed=seed,
-                               candidate_token_ids=allowed)
-    scorer = CaptionScorer(projections, shared_directions=shared)
-    search = search_hard_prompt(scorer, access, prompt_tokens=max_words, iterations=iterations, restarts=restarts,
-                                seed=seed, candidate_token_ids=allowed, kept_candidates=KEPT_CANDIDATES,
-                                on_step=on_step)
-    if single_token_ranking == "whole vocabulary":
-        ranked_ids = allowed
-    else:
-        ranked_ids = torch.tensor(sorted({i for c in search.candidates for i in c.token_ids}))
-    singles = rank_single_tokens(scorer, encode_single_token_prompts(access, ranked_ids), ranked_ids,
-                                 top_k=KEPT_CANDIDATES)
-    return (caption_text(search.best.token_ids, token_texts), _ranked_lines(list(search.candidates), token_texts),
-            _ranked_lines(singles, token_texts))
+    inversion = invert_caption(projections, access, prompt_tokens=max_words, iterations=iterations, restarts=restarts,
+                               seed=seed, candidate_token_ids=allowed,
+                               ranked_token_ids=allowed if single_token_ranking == "whole vocabulary" else None,
+                               on_step=on_step)
+    search = inversion.search
+    return (caption_text(search.best.token_ids, token_texts), _ranked_lines(search.candidates, token_texts),
+            _ranked_lines(inversion.single_tokens, token_texts))
 
 
 class CaptionInverter(io.ComfyNode):
@@ -227,12 +214,11 @@ class CaptionInverter(io.ComfyNode):
                               "OpenCLIP bigG together, one token id driving both (a CPU search is far slower)."),
                 io.Int.Input("max_words", default=3, min=1, max=20, tooltip="Tokens in the searched caption (the "
                              "paper: 3 and 7). Short captions recover the rare identifier more reliably."),
-                io.Int.Input("iterations", default=1000, min=0, max=100000, tooltip="Projected-gradient steps per "
-                             "restart (the paper: 1000). Every step encodes all restarts once forward and backward: "
-                             "measured 0.5-1.9 s per step for CLIP-L on a busy 2-core CPU (a 1000-step search takes "
-                             "minutes to half an hour there); a GPU is far faster."),
+                io.Int.Input("iterations", default=1000, min=0, max=100000, tooltip="Projected-gradient steps (the "
+                             "paper: 1000). Every step encodes the current caption of every restart through the text "
+                             "encoder once, forward and backward: the time grows with iterations x restarts."),
                 io.Int.Input("restarts", default=4, min=1, max=256, tooltip="Random starting prompts, searched "
-                             "together; the best prompt over all of them is kept."),
+                             "together as one batch; the best prompt over all of them is kept."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seeds the starting prompts and the reference prompts: same inputs and seed give "
                              "the same caption."),
@@ -252,9 +238,9 @@ class CaptionInverter(io.ComfyNode):
             outputs=[
                 io.String.Output(display_name="caption", tooltip="The best caption found: connect it to "
                                  "CLIPTextEncode."),
-                io.String.Output(display_name="ranked_captions", tooltip="Up to 20 captions met during the search, "
+                io.String.Output(display_name="ranked_captions", tooltip=f"Up to {KEPT_CANDIDATES} captions met during the search, "
                                  "best first, one per line: score, tab, caption."),
-                io.String.Output(display_name="ranked_tokens", tooltip="Up to 20 single tokens, best first, one per "
+                io.String.Output(display_name="ranked_tokens", tooltip=f"Up to {KEPT_CANDIDATES} single tokens, best first, one per "
                                  "line: score, tab, token. A rare token at the top is likely the identifier."),
             ],
         )
@@ -270,7 +256,7 @@ class CaptionInverter(io.ComfyNode):
 
         # ComfyUI runs nodes under inference mode; the search needs gradients through the text encoder.
         with torch.inference_mode(False), torch.enable_grad():
-            caption, captions, tokens = invert_caption(
+            caption, captions, tokens = recover_caption(
                 fine_tuned, pretrained, clip, max_words, iterations, restarts, seed, vocabulary, single_token_ranking,
                 search_words, excluded_words, on_step)
         shown = f"{caption}\n\ncaptions:\n{captions}\n\nsingle tokens:\n{tokens}"
