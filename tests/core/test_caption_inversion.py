@@ -1,6 +1,8 @@
 """Ground truth for caption inversion (issue 7): captions are trained into weights here, then read back out."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from finextract_core.caption_inversion import (
     rank_single_tokens,
     search_hard_prompt,
 )
-from fixtures.caption_trials import TOY_TEXT_DIM, TOY_VOCABULARY, run_ground_truth_trial
+from fixtures.caption_trials import TOY_TEXT_DIM, TOY_VOCABULARY, run_ground_truth_trial, toy_text_encoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,6 +106,27 @@ def test_hard_prompt_search_is_seeded_and_reports_exact_scores_of_real_prompts()
     assert float(rescored[0]) == pytest.approx(first.best.score, rel=1e-5)
     every_pair = torch.cartesian_prod(torch.arange(2, 50), torch.arange(2, 50))
     assert first.best.score <= float(scorer.score_sequence(access.encode_prompts(vocabulary[every_pair])).max()) + 1e-6
+
+
+def test_an_encoder_that_keeps_the_start_token_is_read_and_searched_as_one_that_does_not():
+    _, access = toy_text_encoder()
+    assert access.encode_after_start is not None
+    recomputing = dataclasses.replace(access, encode_after_start=None)
+    prompts = access.token_embeddings[torch.randint(TOY_VOCABULARY - 2, (2, 3), generator=torch.Generator().manual_seed(1))]
+    given = []
+    recording = dataclasses.replace(access, encode_after_start=lambda rows: given.append(rows.shape) or
+                                    access.encode_after_start(rows))
+    rows = recording.encode_prompts(prompts)
+    assert given == [(2, 4, TOY_TEXT_DIM)]  # the prompt and the end token, not the start token
+    assert torch.allclose(rows, recomputing.encode_prompts(prompts), atol=1e-5)
+
+    generator = torch.Generator().manual_seed(2)
+    pretrained = torch.randn(40, TOY_TEXT_DIM, generator=generator)
+    scorer = CaptionScorer(projections_of(pretrained, pretrained + 0.1 * torch.randn(40, TOY_TEXT_DIM, generator=generator)))
+    kept, recomputed = (search_hard_prompt(scorer, encoder, prompt_tokens=3, iterations=20, restarts=3, seed=4)
+                        for encoder in (access, recomputing))
+    assert [c.token_ids for c in kept.candidates] == [c.token_ids for c in recomputed.candidates]
+    assert [c.score for c in kept.candidates] == pytest.approx([c.score for c in recomputed.candidates], rel=1e-5)
 
 
 # --- gathering the projections: messages ------------------------------------------------------------------------------
