@@ -95,6 +95,10 @@ def test_two_encoders_concatenate_their_tables_and_outputs_on_the_feature_axis()
     tokens = ids(2, 6, seed=9)
     expected = torch.cat([first.encode_ids(tokens), second.encode_ids(tokens)], dim=-1)
     assert torch.allclose(access.encode_embeddings(access.token_embeddings[tokens]), expected, atol=1e-6)
+    # Each encoder keeps its own start token: prompts encoded after them give the same concatenated rows.
+    tokens[:, 0], tokens[:, -1] = START, END
+    expected = torch.cat([first.encode_ids(tokens), second.encode_ids(tokens)], dim=-1)
+    assert torch.allclose(access.encode_prompts(access.token_embeddings[tokens[:, 1:-1]]), expected[:, 1:], atol=1e-5)
 
 
 def test_bad_settings_are_refused_with_what_exists():
@@ -154,18 +158,6 @@ def test_prompts_encoded_after_the_kept_start_token_give_transformers_rows_and_g
     (expected_gradient,) = torch.autograd.grad((probe * expected).sum(), reference_embeddings)
     assert torch.allclose(rows, expected, atol=1e-5)
     assert torch.allclose(gradient, expected_gradient, atol=1e-5 * float(expected_gradient.abs().max()))
-
-
-def test_two_encoders_keep_their_own_start_tokens_and_concatenate_rows_as_without():
-    first = FunctionalClipText(text_model_state(reference_clip(9, width=32, heads=2)), heads=2, output_layer=-2,
-                               final_layer_norm=False)
-    second = FunctionalClipText(text_model_state(reference_clip(10, width=48, heads=3, activation="gelu")), heads=3,
-                                activation="gelu", output_layer=-2, final_layer_norm=False)
-    access = text_encoder_access([first, second], START, END)
-    prompts = access.token_embeddings[ids(2, 3, seed=14)]
-    with_start = torch.cat([access.token_embeddings[START].expand(2, 1, -1), prompts,
-                            access.token_embeddings[END].expand(2, 1, -1)], dim=1)
-    assert torch.allclose(access.encode_prompts(prompts), access.encode_embeddings(with_start)[:, 1:], atol=1e-5)
 
 
 def test_a_prefix_counts_towards_the_context_length():
