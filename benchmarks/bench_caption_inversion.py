@@ -136,13 +136,16 @@ def time_sd15_sized_search(rounds: int, timed_iterations: int, full_iterations: 
     print(f"search, {PROMPT_TOKENS} words, {RESTARTS} restarts, {WHOLE_WORD_TOKENS} tokens, {timed_iterations} "
           f"iterations per path per round, {rounds} rounds; {load()}")
     seconds = {search.path.name: [] for search in searches}
+    cpu_seconds = {search.path.name: [] for search in searches}
     results = {}
     for _ in range(rounds):
         for search in searches:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             results[search.path.name] = search.search(timed_iterations)
             seconds[search.path.name].append((time.perf_counter() - started) / (timed_iterations + 1))
-    print(f"  ({load()})")
+            cpu_seconds[search.path.name].append((time.process_time() - cpu_started) / (timed_iterations + 1))
+    print(f"  ({load()}; CPU time counts every thread, spinning included: at 1 thread it is what an idle machine's "
+          "wall clock would show)")
     before = seconds[BEFORE.name]
     for search in searches:
         mine = seconds[search.path.name]
@@ -150,7 +153,8 @@ def time_sd15_sized_search(rounds: int, timed_iterations: int, full_iterations: 
         speed_up = statistics.median(b / m for b, m in zip(before, mine))
         same = same_candidates(results[search.path.name], results[BEFORE.name])
         print(f"  {search.path.name:>17}: {per_iteration:.3f} s per iteration -> {1000 * per_iteration:.0f} s per 1000 "
-              f"(rounds: {', '.join(f'{s:.3f}' for s in mine)}); {speed_up:.2f}x before; "
+              f"(rounds: {', '.join(f'{s:.3f}' for s in mine)}; CPU "
+              f"{statistics.median(cpu_seconds[search.path.name]):.3f} s); {speed_up:.2f}x before; "
               f"same candidates as before: {same}")
 
     ranking_seconds = {search.path.name: [] for search in searches}
@@ -167,11 +171,12 @@ def time_sd15_sized_search(rounds: int, timed_iterations: int, full_iterations: 
 
     for path in (AFTER, BEFORE)[: 2 if full_iterations else 0]:
         search = next(search for search in searches if search.path == path)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         inversion = search.whole_inversion(full_iterations)
-        elapsed = time.perf_counter() - started
-        print(f"whole inversion, {path.name}: {full_iterations} iterations in {elapsed:.0f} s "
-              f"({elapsed / 60:.1f} min; best score {inversion.search.best.score:.6f}); {load()}")
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        print(f"whole inversion, {path.name}: {full_iterations} iterations in {elapsed:.0f} s ({elapsed / 60:.1f} min; "
+              f"CPU {cpu:.0f} s; best caption {inversion.search.best.token_ids} score "
+              f"{inversion.search.best.score:.6f}); {load()}")
 
 
 def ground_truth_recovery_rate(seeds: int) -> None:
