@@ -209,11 +209,12 @@ def ground_truth_recovery_rate(seeds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: the recovery rate only")
     parser.add_argument("--timed-iterations", type=int, default=10)
     parser.add_argument("--full-iterations", type=int, default=0, help="also time whole inversions (the node: 1000)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     arguments = parser.parse_args()
-    with torch_threads(arguments.threads):
-        time_sd15_sized_search(arguments.rounds, arguments.timed_iterations, arguments.full_iterations)
+    if arguments.rounds:
+        with torch_threads(arguments.threads):
+            time_sd15_sized_search(arguments.rounds, arguments.timed_iterations, arguments.full_iterations)
     ground_truth_recovery_rate(arguments.seeds)
