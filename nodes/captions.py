@@ -238,10 +238,11 @@ class CaptionInverter(io.ComfyNode):
             outputs=[
                 io.String.Output(display_name="caption", tooltip="The best caption found: connect it to "
                                  "CLIPTextEncode."),
-                io.String.Output(display_name="ranked_captions", tooltip=f"Up to {KEPT_CANDIDATES} captions met during the search, "
-                                 "best first, one per line: score, tab, caption."),
-                io.String.Output(display_name="ranked_tokens", tooltip=f"Up to {KEPT_CANDIDATES} single tokens, best first, one per "
-                                 "line: score, tab, token. A rare token at the top is likely the identifier."),
+                io.String.Output(display_name="ranked_captions", tooltip=f"Up to {KEPT_CANDIDATES} captions met "
+                                 "during the search, best first, one per line: score, tab, caption."),
+                io.String.Output(display_name="ranked_tokens", tooltip=f"Up to {KEPT_CANDIDATES} single tokens, best "
+                                 "first, one per line: score, tab, token. A rare token at the top is likely the "
+                                 "identifier."),
             ],
         )
 
