@@ -82,7 +82,9 @@ CROSS_ATTENTION_TEXT_PROJECTIONS = ("attn2.to_k.weight", "attn2.to_v.weight")
 
 NO_CROSS_ATTENTION_MESSAGE = (
     "this model family has no cross-attention on text (no 'attn2.to_k.weight' / 'attn2.to_v.weight' weights); "
-    "caption inversion supports SD 1.x / SD 2.x / SDXL UNets"
+    "caption inversion supports SD 1.x / SD 2.x / SDXL UNets. Models such as Flux and SD3 attend to text and image "
+    "jointly, so no weight reads the text alone: use the caption the Model Evidence node proposes from the trainer's "
+    "metadata, or sample without a caption (mode model_guidance, Eq. 6)"
 )
 IDENTICAL_MODELS_MESSAGE = (
     "the two models have identical cross-attention projections: the fine-tune did not train them, "

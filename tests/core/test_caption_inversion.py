@@ -138,6 +138,7 @@ def test_a_model_without_cross_attention_on_text_is_refused_with_the_supported_f
         gather_cross_attention_projections(state, state)
     assert str(error.value) == NO_CROSS_ATTENTION_MESSAGE
     assert "SD 1.x / SD 2.x / SDXL" in str(error.value)
+    assert "Model Evidence" in str(error.value) and "model_guidance" in str(error.value)
 
 
 def test_identical_models_are_refused():
