@@ -1,6 +1,6 @@
-"""Start a real ComfyUI server on 127.0.0.1, queue API-format workflows on it over HTTP, and stop it.
-
-Used by the end-to-end tests and the demo. Standard library only, so it runs under any Python.
+"""Start a real ComfyUI server on 127.0.0.1 for a test or the demo, queue API-format workflows on it over HTTP, and
+stop it: the product's own launcher and HTTP client (finextract_core/comfy_client.py) with this checkout's host
+(tools/host/bootstrap_host.sh) and base directory. Standard library only, so it runs under any Python.
 
 A server's base directory links the pack in as ``custom_nodes/finextract`` and, unless asked not to, the lab as
 ``lab_nodes/finextract_lab``: a second custom-node folder (named in the base's extra_model_paths.yaml) that ComfyUI
@@ -9,16 +9,10 @@ scans after the first, so the lab's nodes always find the pack already loaded.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
+from types import ModuleType
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_FOLDER = "finextract"
@@ -62,22 +56,22 @@ def prepare_base_directory(base: str, lab: bool = True) -> str:
     return base
 
 
+def product_client() -> ModuleType:
+    """The product's HTTP client and server launcher (finextract_core.comfy_client), as this process holds the pack:
+    ComfyUI's copy where the host is loaded in-process (tests/host), else this checkout's core. Looked up when first
+    needed, since this module is imported before the host is loaded."""
+    from lab.product import pack_module
+
+    return pack_module("finextract_core.comfy_client")
+
+
 def stop_process_group(process: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM to a process started with start_new_session=True and its children; SIGKILL if it outlives timeout."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    product_client().stop_process_group(process, timeout)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def execution_error(entry: dict) -> str | None:
+    """ComfyUI's error message for a failed prompt, or None if it succeeded."""
+    return product_client().execution_error(entry)
 
 
 class ComfyServer:
@@ -85,93 +79,65 @@ class ComfyServer:
 
     def __init__(self, base: str, log_path: str | None = None, ready_timeout: float = 180.0, lab: bool = True):
         settings = read_host_env()
-        self.comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
-        self.python = settings.get("FINEXTRACT_PYTHON", sys.executable)
-        if not os.path.exists(os.path.join(self.comfy_root, "main.py")):
+        comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
+        if not os.path.exists(os.path.join(comfy_root, "main.py")):
             raise RuntimeError("No ComfyUI host: run tools/host/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
         self.base = prepare_base_directory(base, lab=lab)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or os.path.join(self.base, "comfyui.log")
-        self.ready_timeout = ready_timeout
-        self.process = None
-        self.client_id = uuid.uuid4().hex
+        self.launcher = product_client().ComfyProcess(
+            comfy_root, settings.get("FINEXTRACT_PYTHON", sys.executable), host_server_arguments(self.base),
+            self.log_path, env={"OMP_NUM_THREADS": "1"}, ready_timeout=ready_timeout)
+        self.client = None  # a ComfyClient once the server runs
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.launcher.process
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    @property
+    def client_id(self) -> str:
+        return self.client.client_id
 
     def __enter__(self) -> "ComfyServer":
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", self.base, "--database-url", "sqlite:///:memory:",
-             "--extra-model-paths-config", os.path.join(self.base, EXTRA_PATHS)],
-            cwd=self.comfy_root, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited during start-up; see {self.log_path}:\n{self.log_tail()}")
-            try:
-                self.get("/system_stats")
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"ComfyUI did not answer within {self.ready_timeout} s; see {self.log_path}")
+        self.client = self.launcher.start()
+        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process, timeout=30)
-        if getattr(self, "_log", None):
-            self._log.close()
+        self.launcher.stop()
 
     def log_tail(self, lines: int = 40) -> str:
-        with open(self.log_path) as f:
-            return "".join(f.readlines()[-lines:])
+        return self.launcher.log_tail(lines)
 
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return json.loads(response.read())
+        return self.client.get(path)
 
     def post(self, path: str, payload: dict):
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            raise RuntimeError(f"POST {path} answered {error.code}: {error.read().decode()}") from error
+        return self.client.post(path, payload)
 
     def queue(self, prompt: dict) -> str:
-        return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+        return self.client.queue(prompt)
 
     def wait(self, prompt_id: str, timeout: float = 600.0, on_progress=None) -> dict:
         """The prompt's history entry once it has finished (successfully or not)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history:  # ComfyUI files a prompt in its history once it has finished or failed
-                return history[prompt_id]
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log_tail()}")
-            if on_progress:
-                on_progress()
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+        try:
+            return self.client.wait(prompt_id, timeout, on_progress, alive=self.launcher.alive)
+        except product_client().ServerUnavailable as error:
+            raise RuntimeError(f"ComfyUI died while running the prompt ({error}):\n{self.log_tail()}") from error
 
     def run(self, prompt: dict, timeout: float = 600.0, on_progress=None) -> dict:
         return self.wait(self.queue(prompt), timeout, on_progress)
 
 
-def execution_error(entry: dict) -> str | None:
-    """ComfyUI's error message for a failed prompt, or None if it succeeded."""
-    if entry["status"].get("status_str") != "error":
-        return None
-    for kind, data in entry["status"].get("messages", []):
-        if kind == "execution_error":
-            return f"{data.get('node_type')}: {data.get('exception_message', '').strip()}"
-    return "unknown error"
+def host_server_arguments(base: str) -> list[str]:
+    """main.py's options for a test server: the CPU, the base directory, no database on disk, the lab's nodes."""
+    return ["--cpu", "--base-directory", base, "--database-url", "sqlite:///:memory:",
+            "--extra-model-paths-config", os.path.join(base, EXTRA_PATHS)]
 
 
 def saved_images(entry: dict, base: str) -> list[str]:
