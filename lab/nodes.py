@@ -28,6 +28,7 @@ from .world.schedule import Schedule
 from .world.unet import UNetConfig, WorldUNet
 
 EMBEDDINGS = pack_module("nodes.types").EMBEDDINGS
+IMAGE_EMBEDDER = pack_module("nodes.types").IMAGE_EMBEDDER
 
 CATEGORY = "FineXtract/world"
 
@@ -129,6 +130,36 @@ class WorldTextEncode(io.ComfyNode):
         return io.NodeOutput([[text_encoder.encode(text), {}]])
 
 
+def decode_world_latents(latents: torch.Tensor) -> torch.Tensor:
+    """World latents (RGB in [-1, 1], channels first) as IMAGE (values clipped to [0, 1])."""
+    return ((latents.float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def embed_world_images(images: torch.Tensor):
+    """The world's descriptors (similarity.highpass_embeddings) of an IMAGE batch."""
+    return similarity.highpass_embeddings(images.movedim(-1, 1))
+
+
+class WorldVAEModel:
+    """World Decode as a VAE, for the nodes that decode latents themselves (the Candidate Bank, Extracted Images)."""
+
+    first_stage_model = torch.nn.Module()  # no weights: the bank's key fingerprints the empty state dict
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return decode_world_latents(samples)
+
+
+class WorldImageEmbedder:
+    """World Embed as the Candidate Bank's embedder (nodes.types.IMAGE_EMBEDDER): no weights, so its identity is its
+    name."""
+
+    model_id = identity = similarity.HIGHPASS_MODEL_ID
+    preset = similarity.PRESET
+
+    def embed(self, images: torch.Tensor):
+        return embed_world_images(images)
+
+
 class WorldDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -143,7 +174,7 @@ class WorldDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples) -> io.NodeOutput:
-        return io.NodeOutput(((samples["samples"].float() + 1) / 2).clamp(0, 1).movedim(1, -1))
+        return io.NodeOutput(decode_world_latents(samples["samples"]))
 
 
 class WorldEmbed(io.ComfyNode):
@@ -162,10 +193,45 @@ class WorldEmbed(io.ComfyNode):
 
     @classmethod
     def execute(cls, images) -> io.NodeOutput:
-        return io.NodeOutput(similarity.highpass_embeddings(images.movedim(-1, 1)))
+        return io.NodeOutput(embed_world_images(images))
 
 
-NODES = [WorldLoader, WorldTextEncode, WorldDecode, WorldEmbed]
+class WorldVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractWorldVAE",
+            display_name="World VAE (FineXtract proving ground)",
+            category=CATEGORY,
+            description="World Decode as a VAE, for the Candidate Bank and Extracted Images, which decode latents "
+                        "themselves.",
+            inputs=[],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(WorldVAEModel())
+
+
+class WorldEmbedder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FineXtractWorldEmbedder",
+            display_name="World Embedder (FineXtract proving ground)",
+            category=CATEGORY,
+            description="World Embed's descriptor as the Candidate Bank's embedder, in place of its SSCD file.",
+            inputs=[],
+            outputs=[IMAGE_EMBEDDER.Output(display_name="embedder")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(WorldImageEmbedder())
+
+
+NODES = [WorldLoader, WorldTextEncode, WorldDecode, WorldEmbed, WorldVAE, WorldEmbedder]
 
 
 class LabExtension(ComfyExtension):

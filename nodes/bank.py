@@ -25,7 +25,7 @@ from ..finextract_core.embeddings import Embeddings
 from .embedding import NO_FILE, SSCD_FOLDER, load_sscd
 from .guider import build_guider
 from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
-from .types import CANDIDATE_BANK, EMBEDDINGS, RUN_SETTINGS
+from .types import CANDIDATE_BANK, EMBEDDINGS, IMAGE_EMBEDDER, RUN_SETTINGS
 
 LOG = logging.getLogger("finextract")
 CATEGORY = "FineXtract/sampling"
@@ -93,6 +93,9 @@ class CandidateBankNode(io.ComfyNode):
                 io.String.Input("bank_folder", default="finextract/bank",
                                 tooltip="Folder of this bank (relative paths go under ComfyUI's output folder). Use "
                                 "one folder per setting: a folder that holds a bank of other settings is refused."),
+                IMAGE_EMBEDDER.Input("embedder", optional=True,
+                                     tooltip="Optional: another image embedder for the candidates (such as the lab's "
+                                     "descriptor for its 32 px world); sscd_model and preset are then not used."),
             ],
             outputs=[
                 EMBEDDINGS.Output(display_name="embeddings",
@@ -118,26 +121,34 @@ class CandidateBankNode(io.ComfyNode):
     @classmethod
     def execute(cls, fine_tuned, pretrained, positive, negative, mode, guidance_scale, k, latent_image, seed, steps,
                 sampler_name, scheduler, vae, sscd_model, preset, num_candidates, first_candidate, batch_size,
-                bank_folder) -> io.NodeOutput:
+                bank_folder, embedder=None) -> io.NodeOutput:
         guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
         patcher = guider.model_patcher
         shape = tuple(comfy.sample.fix_empty_latent_channels(patcher, latent_image["samples"]).shape[1:])
-        embedder = load_sscd(sscd_model)
+        device = comfy.model_management.get_torch_device()
+        sscd_network = load_sscd(sscd_model) if embedder is None else None
+        if sscd_network is not None:
+            identity = {"embedder": sscd_network.model_id, "embedder_weights": fingerprint(sscd_network.state_dict()),
+                        "preset": preset}
+
+            def embed(images):
+                return sscd.embed_images(sscd_network, images, preset, batch_size=len(images), device=device)
+        else:
+            identity = {"embedder": embedder.model_id, "embedder_weights": embedder.identity, "preset": embedder.preset}
+            embed = embedder.embed
         settings = describe_run(guider, mode, guidance_scale, k, seed, steps, sampler_name, scheduler, 1.0,
                                 latent_shape=shape, candidates=num_candidates, first_candidate=first_candidate,
                                 noise=GENERATION_SCHEME)
         key = {
             **settings.candidate_key(), "fine_tuned": model_identity(fine_tuned),
             "pretrained": model_identity(pretrained), "positive": fingerprint(positive),
-            "negative": fingerprint(negative), "vae": fingerprint(vae.first_stage_model.state_dict()),
-            "embedder": embedder.model_id, "embedder_weights": fingerprint(embedder.state_dict()), "preset": preset,
+            "negative": fingerprint(negative), "vae": fingerprint(vae.first_stage_model.state_dict()), **identity,
         }
         bank = CandidateBank.open(resolve_bank_folder(bank_folder), key)
         wanted = range(first_candidate, first_candidate + num_candidates)
         todo = bank.missing(wanted)
         LOG.info("finextract: bank %s holds %d of candidates %d-%d; generating %d", bank.folder,
                  num_candidates - len(todo), wanted.start, wanted.stop - 1, len(todo))
-        device = comfy.model_management.get_torch_device()
         try:
             for start in range(0, len(todo), batch_size):
                 comfy.model_management.throw_exception_if_processing_interrupted()
@@ -148,12 +159,12 @@ class CandidateBankNode(io.ComfyNode):
                     noise=candidate_noise(seed, indices, shape),
                     step_noise=candidate_step_noise(sampler_name, seed, indices, shape, patcher))["samples"]
                 images = comfy_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
-                bank.write(indices, samples, sscd.embed_images(embedder, images, preset, batch_size=len(indices),
-                                                               device=device))
+                bank.write(indices, samples, embed(images))
                 done = num_candidates - len(todo) + min(start + batch_size, len(todo))
                 LOG.info("finextract: %d of %d candidates in the bank", done, num_candidates)
         finally:
-            embedder.to(comfy.model_management.unet_offload_device())
+            if sscd_network is not None:
+                sscd_network.to(comfy.model_management.unet_offload_device())
         embeddings = bank.embeddings(wanted)
         return io.NodeOutput(embeddings, BankRows(bank, tuple(wanted), embeddings), settings.to_json(), settings)
 

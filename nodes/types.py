@@ -14,3 +14,6 @@ RUN_SETTINGS = io.Custom("FINEXTRACT_RUN_SETTINGS")
 CLUSTERS = io.Custom("FINEXTRACT_CLUSTERS")
 # Carries finextract_core.metrics.ExtractionScores: AS, A-ESR and each reference's best match.
 EXTRACTION_SCORES = io.Custom("FINEXTRACT_EXTRACTION_SCORES")
+# Carries an image embedder for the Candidate Bank in place of its SSCD file: an object with ``model_id``, ``preset``,
+# ``identity`` (a string that changes when its weights do, for the bank's key) and ``embed(images) -> Embeddings``.
+IMAGE_EMBEDDER = io.Custom("FINEXTRACT_IMAGE_EMBEDDER")

@@ -21,6 +21,7 @@ from ..product import pack_module
 Embeddings = pack_module("finextract_core.embeddings").Embeddings
 
 HIGHPASS_SIGMA = 1.5
+HIGHPASS_MODEL_ID = f"world_highpass_sigma{HIGHPASS_SIGMA:g}"
 PRESET = "world32"
 
 
@@ -48,7 +49,7 @@ def highpass_embeddings(images: torch.Tensor) -> Embeddings:
     """Descriptors of images (N, 3, H, W) with values in [0, 1] (ComfyUI's range; any affine range gives the same)."""
     images = torch.as_tensor(images, dtype=torch.float64)
     detail = images - _gaussian_blur(images, HIGHPASS_SIGMA)
-    return Embeddings(_unit_rows(detail), f"world_highpass_sigma{HIGHPASS_SIGMA:g}", PRESET)
+    return Embeddings(_unit_rows(detail), HIGHPASS_MODEL_ID, PRESET)
 
 
 def pixel_embeddings(images: torch.Tensor) -> Embeddings:
