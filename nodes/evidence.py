@@ -218,8 +218,10 @@ class ModelEvidence(io.ComfyNode):
         else:
             base_name = str(evidence.base_name.value) if evidence.base_name else ""
         text = summary(evidence)
+        # The evidence in the UI values too, so a client over the HTTP API (finextract-audit) reads the base fit.
         return io.NodeOutput(evidence.caption.text if evidence.caption else "", int(evidence.n0.value), base_name,
-                             evidence.to_json(), evidence, ui={"text": [text]})
+                             evidence.to_json(), evidence,
+                             ui={"text": [text], "finextract_evidence": [evidence.to_dict()]})
 
 
 NODES = [ModelEvidence]
