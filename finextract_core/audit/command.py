@@ -1,0 +1,444 @@
+"""finextract-audit: which of these models reproduce my images? Many models against a folder of references,
+through a real ComfyUI server, into one index.
+
+    finextract-audit --models DIR_OR_FILE... --references DIR --bases DIR --out DIR
+                     [--server URL | --comfyui DIR --python PYTHON] [--candidates-per-image 50] [--steps 50]
+
+For each model: its evidence (finextract_core.evidence), the base it fits among --bases (refused, with the reason,
+when none does), the pack's bank-first extraction (Candidate Bank, Clique Cluster, Extracted Images) with metrics
+against the references and the model's audit report; then OUT/index.{html,csv,json}. A finished model is kept in
+OUT/state/ under (model SHA-256, base SHA-256, settings), so the same command again skips it, and a killed run
+resumes the model in flight from its bank. Models are grouped by base (the server keeps the base loaded across
+them) and the references are embedded once (same node, same inputs: ComfyUI's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from .. import comfy_client
+from ..evidence import read_evidence
+from ..evidence_header import EvidenceError
+from ..hashing import FileHashes
+from .index import index_content, write_index
+from .workflow import (LOOSE, STRICT, ExtractionSettings, ModelFile, extraction_prompt, load_builder, lora_fit_prompt,
+                       prescreen_prompt, with_defaults)
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FITTING_KINDS = ("lora", "lycoris", "checkpoint", "unet")
+PROMPT_ATTEMPTS = 3  # a prompt is queued again after the server went away, at most this often
+RECONNECT_SECONDS = 120.0  # how long a server given with --server may stay away before the run stops
+
+
+class AuditError(RuntimeError):
+    """Stops the run before any model (an empty reference folder, no server)."""
+
+
+@dataclass
+class Job:
+    """One model to extract, once its base is chosen."""
+
+    model: ModelFile
+    evidence: dict
+    base: object
+    caption: str
+    n0: int
+    key: str
+    row: dict  # the index row's evidence leads so far
+    prescreen: float | None = None
+
+
+def references_in(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise AuditError(f"--references '{folder}' is not a folder: give the folder of your reference images")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise AuditError(f"--references '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): nothing to "
+                         "compare the models with, so no model was run")
+    return names
+
+
+def model_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(root, path) of every file under the --models folders and of each file given, sorted, hidden files left out:
+    files that are not models are listed too, so the index says why they were skipped."""
+    found = []
+    for given in paths:
+        given = os.path.abspath(given)
+        if os.path.isfile(given):
+            found.append((os.path.dirname(given), given))
+            continue
+        if not os.path.isdir(given):
+            raise AuditError(f"--models '{given}' is neither a file nor a folder")
+        for root, dirs, files in os.walk(given, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found.extend((given, os.path.join(root, f)) for f in sorted(files) if not f.startswith("."))
+    return sorted(set(found), key=lambda item: item[1])
+
+
+def settings_key(evidence_sha256: str, base_sha256: str, builder: str, caption: str, n0: int,
+                 settings: ExtractionSettings) -> str:
+    value = {"model": evidence_sha256, "base": base_sha256, "builder": builder, "caption": caption, "n0": n0,
+             "settings": settings.__dict__}
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evidence_leads(evidence: dict) -> dict:
+    """What the index shows of a model's evidence: where its caption, N0 and base came from."""
+    caption, n0, base = evidence["caption"], evidence["n0"], evidence["base"]
+    leads = {"kind": evidence["kind"]["value"], "caption": caption.get("value") or "",
+             "caption_source": ",".join(s for s in caption.get("sources", []) if s) or "none (empty prompt)",
+             "n0": n0["value"], "n0_source": n0["source"]}
+    if base.get("name"):
+        leads["base_recorded"] = base["name"]["value"]
+    return leads
+
+
+class Server:
+    """The ComfyUI server the run uses: one it started (restarted when it dies) or one given by URL (waited for
+    when it goes away)."""
+
+    def __init__(self, opts, out: str, builder, roots: list[str], log):
+        self.log = log
+        self.process = None
+        self.object_info: dict = {}
+        if opts.server:
+            self.client = comfy_client.ComfyClient(opts.server)
+            if not self.client.ready():
+                raise AuditError(f"no ComfyUI answers at {opts.server}: start it, or leave --server out to let the "
+                                 "audit start one")
+            return
+        comfy_root = opts.comfyui or comfy_client.find_comfyui(PACK_ROOT)
+        if not comfy_root:
+            raise AuditError("this pack is not inside a ComfyUI's custom_nodes: give --comfyui DIR (the folder "
+                             "with ComfyUI's main.py), or --server URL")
+        config = write_server_config(out, comfy_root, builder, roots, opts.bases)
+        self.state_file = os.path.join(out, "server.json")
+        comfy_client.stop_recorded_server(self.state_file)
+        arguments = ["--output-directory", out, "--extra-model-paths-config", config,
+                     "--database-url", "sqlite:///:memory:", *opts.comfy_arg]
+        self.process = comfy_client.ComfyProcess(comfy_root, opts.python, arguments,
+                                                 os.path.join(out, "comfyui.log"))
+        self.config = config
+        self.start()
+
+    def start(self) -> None:
+        self.log(f"starting ComfyUI from {self.process.comfy_root} on 127.0.0.1 (log: {self.process.log_path})")
+        self.client = self.process.start()
+        comfy_client.record_server(self.state_file, self.process, self.config)
+
+    def recover(self, error: Exception) -> None:
+        """After the server went away: started again when it is ours, waited for when it is not."""
+        if self.process is not None:
+            self.log(f"ComfyUI went away ({error}); starting it again")
+            self.process.stop()
+            self.start()
+            return
+        self.log(f"ComfyUI at {self.client.url} went away ({error}); waiting up to {RECONNECT_SECONDS:.0f} s")
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while time.monotonic() < deadline:
+            if self.client.ready():
+                return
+            time.sleep(2)
+        raise AuditError(f"ComfyUI at {self.client.url} did not come back within {RECONNECT_SECONDS:.0f} s")
+
+    def node_info(self, prompt: dict) -> dict:
+        """The server's /object_info for the prompt's node classes (fetched once each)."""
+        for kind in {node["class_type"] for node in prompt.values()} - set(self.object_info):
+            answer = self.client.get(f"/object_info/{kind}")
+            if kind not in answer:
+                raise AuditError(f"the ComfyUI server has no node {kind}: is the pack (and the workflow builder's "
+                                 "nodes) installed in it?")
+            self.object_info[kind] = answer[kind]
+        return self.object_info
+
+    def run(self, prompt: dict, on_progress=None) -> dict:
+        """The prompt's history entry, queued again (the bank resumes) each time the server goes away."""
+        for attempt in range(PROMPT_ATTEMPTS):
+            try:
+                alive = self.process.alive if self.process is not None else None
+                queued = self.client.queue(with_defaults(prompt, self.node_info(prompt)))
+                return self.client.wait(queued, on_progress=on_progress, alive=alive)
+            except comfy_client.ServerUnavailable as error:
+                if attempt == PROMPT_ATTEMPTS - 1:
+                    raise
+                self.recover(error)
+        raise AssertionError("unreachable")
+
+    def view_json(self, subfolder: str, name: str) -> dict:
+        return json.loads(self.client.view(name, subfolder))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+def write_server_config(out: str, comfy_root: str, builder, roots: list[str], bases: str) -> str:
+    """extra_model_paths.yaml for the server the audit starts: the models and bases folders in ComfyUI's model
+    lists, and the pack (when it is not in that ComfyUI's custom_nodes) and the builder's node folders loaded after
+    ComfyUI's own."""
+    server = os.path.join(out, "server")
+    node_folders = []
+    if comfy_client.find_comfyui(PACK_ROOT) != os.path.abspath(comfy_root):
+        node_folders.append(("custom_nodes", os.path.basename(PACK_ROOT), PACK_ROOT))
+    node_folders.extend(("nodes_after_pack", name, folder) for name, folder in builder.custom_node_folders)
+    for parent, name, target in node_folders:
+        link = os.path.join(server, parent, name)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.islink(link) and os.readlink(link) != target:
+            os.remove(link)
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    folders = {"custom_nodes": sorted({os.path.join(server, parent) for parent, _, _ in node_folders},
+                                      key=lambda p: p.endswith("nodes_after_pack")),
+               "loras": roots, "checkpoints": [os.path.abspath(bases), *roots],
+               "diffusion_models": [os.path.abspath(bases), *roots]}
+    lines = ["finextract_audit:", f"  base_path: {json.dumps(server)}"]
+    for kind, paths in folders.items():
+        if paths:
+            lines.append(f"  {kind}: |")
+            lines.extend(f"    {path}" for path in paths)
+    path = os.path.join(out, "extra_model_paths.yaml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+class Audit:
+    def __init__(self, opts):
+        self.opts = opts
+        self.out = os.path.abspath(opts.out)
+        self.started = time.monotonic()
+        self.builder = load_builder(opts.workflow_builder)
+        self.settings = ExtractionSettings(opts.candidates_per_image, opts.max_candidates, opts.steps, opts.seed,
+                                           opts.batch_size)
+        self.rows: dict[str, dict] = {}
+
+    def log(self, message: str) -> None:
+        print(f"[audit {time.monotonic() - self.started:5.0f} s] {message}", flush=True)
+
+    def write_index(self, progress: str) -> None:
+        write_index(self.out, index_content(list(self.rows.values()), self.references, (LOOSE, STRICT), progress))
+
+    def skip(self, name: str, status: str, reason: str, leads: dict | None = None) -> None:
+        self.rows[name] = {"model": name, "status": status, "reason": reason, "evidence": leads or {}}
+        self.log(f"{name}: {status}: {reason}")
+
+    def run(self) -> int:
+        opts = self.opts
+        self.references = references_in(opts.references)
+        os.makedirs(os.path.join(self.out, "state"), exist_ok=True)
+        hashes = FileHashes(os.path.join(self.out, "hashes.jsonl"))
+        files = model_files(opts.models)
+        roots = sorted({root for root, _ in files})
+        bases = self.builder.bases(opts.bases)
+        if not bases:
+            self.log(f"--bases '{opts.bases}' holds no base model this builder knows: every model will be skipped")
+        jobs = self.plan(files, bases, hashes)
+        self.write_index(f"running: {len(jobs)} models to extract")
+        server = Server(opts, self.out, self.builder, roots, self.log) if jobs else None
+        try:
+            jobs = self.fit_loras(server, jobs) if jobs else []
+            if opts.prescreen:
+                jobs = self.prescreen(server, jobs)
+            jobs.sort(key=lambda job: (job.base.name, -(job.prescreen or 0.0), job.model.name))
+            for number, job in enumerate(jobs, 1):
+                self.extract(server, job, number, len(jobs))
+                self.write_index(f"running: {number} of {len(jobs)} models extracted")
+        finally:
+            if server is not None:
+                server.stop()
+        done = sum(row["status"] == "done" for row in self.rows.values())
+        self.write_index(f"complete: {done} models extracted, {len(self.rows) - done} not")
+        self.log(f"done: {self.out}/index.html ({done} models extracted, {len(self.rows) - done} not)")
+        return 0
+
+    def plan(self, files, bases, hashes) -> list[Job]:
+        jobs = []
+        for root, path in files:
+            name = os.path.relpath(path, root).replace(os.sep, "/")
+            try:
+                evidence = read_evidence(path, name=name, hashes=hashes)
+            except EvidenceError as error:  # its message names the file by its path: the index names it once
+                self.skip(name, "unreadable", str(error).replace(path, name))
+                continue
+            data = evidence.to_dict()
+            leads = evidence_leads(data)
+            if not evidence.complete:
+                self.skip(name, "unreadable", f"the file is cut short ({evidence.file_bytes} bytes, its header "
+                          "promises more): download it again", leads)
+                continue
+            if evidence.kind.value not in FITTING_KINDS:
+                self.skip(name, "unsupported", f"not a model this audit can run: {evidence.kind.note or evidence.kind.value}",
+                          leads)
+                continue
+            model = ModelFile(path, root, name, evidence.kind.value)
+            family = evidence.family.value if evidence.family else None
+            fits = [(base, self.builder.fit(model, family, base)) for base in bases]
+            fitting = [base for base, reason in fits if reason is None]
+            if not fitting:
+                why = "; ".join(f"{base.name}: {reason}" for base, reason in fits) or "no base models in --bases"
+                self.skip(name, "no base", f"no base in --bases fits ({why})", leads)
+                continue
+            recorded = evidence.base_sha256.value if evidence.base_sha256 else None
+            fitting.sort(key=lambda base: (hashes.sha256(base.path) != recorded, base.name))
+            base = fitting[0]
+            caption = evidence.caption.text if evidence.caption else ""
+            n0 = int(evidence.n0.value)
+            key = settings_key(evidence.sha256, hashes.sha256(base.path), self.builder.name, caption, n0,
+                               self.settings)
+            leads["base_match"] = ("recorded sha256" if recorded == hashes.sha256(base.path) else
+                                   f"fits by its tensors (one of {len(fitting)})")
+            jobs.append(Job(model, data, base, caption, n0, key, leads))
+        return jobs
+
+    def fit_loras(self, server: Server, jobs: list[Job]) -> list[Job]:
+        """A LoRA runs only where its base takes every key of it that the base can be asked about (ComfyUI's own
+        key maps, through the Model Evidence node): a LoRA that half-applies would be audited as another model."""
+        kept = []
+        for job in jobs:
+            if not job.model.is_lora:
+                kept.append(job)
+                continue
+            graph = self.builder.model_graph(job.model, job.base, job.caption)
+            entry = server.run(lora_fit_prompt(graph, job.model))
+            error = comfy_client.execution_error(entry)
+            if error:
+                self.skip(job.model.name, "failed", f"reading its keys against {job.base.name}: {error}", job.row)
+                continue
+            fit = entry["outputs"]["evidence"]["finextract_evidence"][0]["base_fit"]
+            job.row["lora_keys_loaded"] = f"{fit['keys_loaded']}/{fit['keys_checked']}"
+            if not fit["keys_checked"] or fit["keys_loaded"] < fit["keys_checked"]:
+                self.skip(job.model.name, "no base", f"{job.base.name} takes {fit['keys_loaded']} of the LoRA's "
+                          f"{fit['keys_checked']} keys: it was trained on another base", job.row)
+                continue
+            kept.append(job)
+        return kept
+
+    def prescreen(self, server: Server, jobs: list[Job]) -> list[Job]:
+        kept = []
+        for job in jobs:
+            graph = self.builder.model_graph(job.model, job.base, job.caption)
+            entry = server.run(prescreen_prompt(graph, self.builder, self.opts.prescreen_samples, self.opts.seed))
+            error = comfy_client.execution_error(entry)
+            if error:
+                self.skip(job.model.name, "failed", f"pre-screen: {error}", job.row)
+                continue
+            job.prescreen = round(float(entry["outputs"]["prescreen"]["finextract_prescreen"][0]["score"]), 6)
+            if job.prescreen < self.opts.prescreen_threshold:
+                self.skip(job.model.name, "below pre-screen",
+                          f"pre-screen score {job.prescreen:.4f} < --prescreen-threshold "
+                          f"{self.opts.prescreen_threshold:g}", {**job.row, "prescreen": job.prescreen})
+                continue
+            self.log(f"{job.model.name}: pre-screen {job.prescreen:.4f}")
+            kept.append(job)
+        return kept
+
+    def extract(self, server: Server, job: Job, number: int, total: int) -> None:
+        name = job.model.name
+        state = os.path.join(self.out, "state", f"{job.key}.json")
+        if os.path.exists(state):
+            with open(state) as f:
+                self.rows[name] = json.load(f)
+            self.log(f"model {number}/{total} {name}: finished in an earlier run")
+            return
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+        report_prefix = f"reports/{slug}-{job.key[:8]}"
+        bank_folder = f"banks/{job.key}"
+        candidates = self.settings.candidates(job.n0)
+        graph = self.builder.model_graph(job.model, job.base, job.caption)
+        prompt = extraction_prompt(graph, self.builder, job.model, self.opts.references, job.n0, self.settings,
+                                   bank_folder, report_prefix)
+        self.log(f"model {number}/{total} {name} on {job.base.name}: N = {candidates} candidates, N0 = {job.n0}, "
+                 f"caption {job.caption!r}")
+        entry = server.run(prompt, on_progress=BankProgress(os.path.join(self.out, bank_folder), candidates,
+                                                            self.log, name))
+        error = comfy_client.execution_error(entry)
+        if error:
+            self.skip(name, "failed", error, job.row)
+            return
+        report = server.view_json(report_prefix, "report.json")
+        scores = {row["name"]: round(float(row["score"]), 6) for row in report["references"]}
+        row = {"model": name, "status": "done", "base": job.base.name, "evidence": job.row,
+               "report": f"{report_prefix}/report.html", "scores": scores,
+               "passes_loose": sum(s >= LOOSE for s in scores.values()),
+               "passes_strict": sum(s >= STRICT for s in scores.values()),
+               "best": max(scores.values(), default=0.0), "prescreen": job.prescreen,
+               "candidates": candidates, "n0": job.n0}
+        with open(state + ".tmp", "w") as f:
+            json.dump(row, f, sort_keys=True)
+        os.replace(state + ".tmp", state)
+        self.rows[name] = row
+        self.log(f"model {number}/{total} {name}: best {row['best']:.3f}, {row['passes_loose']} of "
+                 f"{len(scores)} references pass {LOOSE:g}, report {report_prefix}/report.html")
+
+
+class BankProgress:
+    """Called while a model's prompt runs: the bank's size on disk, and the time left at this run's pace."""
+
+    EVERY = 10.0
+
+    def __init__(self, folder: str, total: int, log, name: str):
+        self.folder, self.total, self.log, self.name = folder, total, log, name
+        self.began = time.monotonic()
+        self.last = self.began
+        self.first_count = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.EVERY:
+            return
+        self.last = now
+        from ..bank import BankError, CandidateBank
+
+        try:
+            count = len(CandidateBank.read(self.folder))
+        except (BankError, OSError, ValueError, KeyError):
+            count = 0
+        if self.first_count is None:
+            self.first_count = count
+        made = count - self.first_count
+        left = "" if made <= 0 else f", about {(self.total - count) * (now - self.began) / made:.0f} s left"
+        self.log(f"  {self.name}: {count} of {self.total} candidates in the bank{left}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finextract-audit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="folders and/or files: LoRAs, checkpoints, UNets")
+    p.add_argument("--references", required=True, help="folder of the reference images (your works)")
+    p.add_argument("--bases", required=True, help="folder of the base checkpoints you have")
+    p.add_argument("--out", required=True, help="folder for the index, the reports and the banks")
+    p.add_argument("--server", help="URL of a running ComfyUI with this pack (default: start one on 127.0.0.1)")
+    p.add_argument("--comfyui", help="the ComfyUI folder to start (default: the one this pack is installed in)")
+    p.add_argument("--python", default=sys.executable, help="the Python that runs that ComfyUI")
+    p.add_argument("--comfy-arg", action="append", default=[],
+                   help="an extra argument for the ComfyUI it starts (repeat; for example --comfy-arg=--cpu)")
+    p.add_argument("--workflow-builder", default="sd",
+                   help="the model family's loaders: 'sd', or module:attribute of another builder")
+    p.add_argument("--candidates-per-image", type=int, default=50, help="N = this x N0 candidates (the paper: 50)")
+    p.add_argument("--max-candidates", type=int, default=0, help="cap on N per model (0: none)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (the paper: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="candidates per Candidate Bank batch")
+    p.add_argument("--prescreen", action="store_true", help="score each model first (a few denoiser evaluations) "
+                   "and extract the likeliest memorisers first")
+    p.add_argument("--prescreen-threshold", type=float, default=0.0, help="skip models scoring below this")
+    p.add_argument("--prescreen-samples", type=int, default=4)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
+    try:
+        return Audit(opts).run()
+    except AuditError as error:
+        print(f"finextract-audit: {error}", file=sys.stderr)
+        return 2
+
