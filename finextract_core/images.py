@@ -42,12 +42,17 @@ def png_bytes(picture: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def image_names(folder: str) -> list[str]:
+    """The image files in ``folder`` that load_image_folder reads, sorted by name."""
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+
+
 def load_image_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
     """Every image in ``folder`` (sorted by name), EXIF-rotated and centre-cropped to a ``size`` square, as an IMAGE
     batch, with the file names."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"reference folder '{folder}' does not exist: give the full path of a folder of images")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    names = image_names(folder)
     if not names:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{folder}': put the reference images there, "
                          "or give the folder that holds them")

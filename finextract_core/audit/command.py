@@ -26,12 +26,12 @@ from .. import comfy_client
 from ..evidence import read_evidence
 from ..evidence_header import EvidenceError
 from ..hashing import FileHashes
+from ..images import IMAGE_SUFFIXES, image_names
 from .index import index_content, write_index
 from .workflow import (LOOSE, STRICT, ExtractionSettings, ModelFile, extraction_prompt, load_builder, lora_fit_prompt,
                        prescreen_prompt, with_defaults)
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FITTING_KINDS = ("lora", "lycoris", "checkpoint", "unet")
 PROMPT_ATTEMPTS = 3  # a prompt is queued again after the server went away, at most this often
 RECONNECT_SECONDS = 120.0  # how long a server given with --server may stay away before the run stops
@@ -58,9 +58,9 @@ class Job:
 def references_in(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise AuditError(f"--references '{folder}' is not a folder: give the folder of your reference images")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = image_names(folder)
     if not names:
-        raise AuditError(f"--references '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): nothing to "
+        raise AuditError(f"--references '{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)}): nothing to "
                          "compare the models with, so no model was run")
     return names
 
