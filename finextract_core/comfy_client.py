@@ -28,6 +28,7 @@ import uuid
 READY_TIMEOUT = 180.0  # ComfyUI imports torch and every custom node before it answers: seconds on a GPU box, minutes
 REQUEST_TIMEOUT = 30.0
 POLL_SECONDS = 0.5
+FIRST_POLL_SECONDS = 0.02  # a prompt ComfyUI answers from its cache is done within milliseconds
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -129,6 +130,7 @@ class ComfyClient:
         """The prompt's history entry once it has finished (successfully or not). ``alive()`` (a server process
         check) is asked at every poll: False raises ServerUnavailable at once instead of waiting for the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = FIRST_POLL_SECONDS
         while deadline is None or time.monotonic() < deadline:
             if alive is not None and not alive():
                 raise ServerUnavailable(f"the ComfyUI server at {self.url} exited while running prompt {prompt_id}")
@@ -137,7 +139,8 @@ class ComfyClient:
                 return entry
             if on_progress:
                 on_progress()
-            time.sleep(POLL_SECONDS)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_SECONDS)  # quick answers for short prompts, few requests for long ones
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
 
     def run(self, prompt: dict, timeout: float | None = None, on_progress=None, alive=None) -> dict:
