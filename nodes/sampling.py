@@ -23,6 +23,7 @@ CATEGORY = "FineXtract/sampling"
 # The sampler's noise: ComfyUI's KSampler noise, one generator seeded with the seed for the whole batch, so candidate
 # i depends on the batch it is in (the Candidate Bank's per-candidate scheme does not).
 KSAMPLER_NOISE = "ksampler-batch"
+_DOWNSCALE_RATIO_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
 
 
 def _guidance_inputs() -> list:
@@ -128,13 +129,16 @@ def describe_run(guider: Guider_ModelGuidance, mode: str, guidance_scale: float,
 
 def sample_with_guider(guider, latent, seed, steps, sampler_name, scheduler, denoise, noise=None,
                        step_noise=None) -> dict:
-    """KSampler's noise, sigmas, progress bar and cancel, with our guider in place of CFG.
+    """KSampler's noise, sigmas, progress bar, cancel and output latent, with our guider in place of CFG.
 
     ``noise`` replaces KSampler's initial noise and ``step_noise`` the noise that ancestral and SDE samplers draw at
     each step (the candidate bank makes both per candidate, so a candidate does not depend on its batch).
     """
     patcher = guider.model_patcher
-    samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    # Newer ComfyUI's empty latents say how far they are downscaled; its KSampler passes that on and drops it after.
+    reads_ratios = _DOWNSCALE_RATIO_KEYS[0] in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    ratios = [latent.get(key) for key in _DOWNSCALE_RATIO_KEYS] if reads_ratios else []
+    samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"], *ratios)
     if noise is None:
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     # KSampler computes the sigmas for (steps, denoise) and drops the penultimate one where a sampler asks for it.
@@ -144,11 +148,14 @@ def sample_with_guider(guider, latent, seed, steps, sampler_name, scheduler, den
     sampler = comfy.samplers.sampler_object(sampler_name)
     if step_noise is not None and "noise_sampler" in inspect.signature(sampler.sampler_function).parameters:
         sampler.extra_options = {**sampler.extra_options, "noise_sampler": step_noise}  # never mutate the shared default
-    out = latent.copy()
     samples = guider.sample(noise, samples, sampler, sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    out = {key: value for key, value in latent.items() if not (reads_ratios and key in _DOWNSCALE_RATIO_KEYS)}
+    # Where KSampler puts its output: the intermediate device, and on ComfyUI versions that have one, its dtype.
+    intermediate_dtype = getattr(comfy.model_management, "intermediate_dtype", None)
+    out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
+                                dtype=intermediate_dtype() if intermediate_dtype else None)
     return out
 
 
