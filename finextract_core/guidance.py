@@ -1,28 +1,31 @@
-"""Model guidance (FineXtract, ICML 2025) and its baselines, as one linear combination of model predictions.
+"""Model guidance (FineXtract, ICML 2025) and its baselines, as classifier-free guidance between two predictions.
 
-Every mode combines up to three predictions at the same noisy input x:
+Every mode combines up to two of three predictions at the same noisy input x:
 
 - ``ft_cond``:    the fine-tuned model with the caption c            (eps_ft(c)   or D_ft(c))
 - ``pre_uncond``: the pretrained model with the empty caption         (eps_pre(0)  or D_pre(0))
 - ``ft_uncond``:  the fine-tuned model with the empty caption         (eps_ft(0)   or D_ft(0))
 
-| mode             | paper  | eps form                                             |
-|------------------|--------|------------------------------------------------------|
-| ``finextract``     | Eq. 13 | w' eps_ft(c) + (1 - w' + k) eps_pre(0)               |
-| ``model_guidance`` | Eq. 6  | w  eps_ft(0) + (1 - w) eps_pre(0)                    |
-| ``cfg``            | Eq. 8  | w' eps_ft(c) + (1 - w') eps_ft(0)                    |
-| ``direct``         |        | eps_ft(c)                                            |
+| mode             | paper  | eps form                                             | as CFG: cond, uncond, scale, k |
+|------------------|--------|------------------------------------------------------|--------------------------------|
+| ``finextract``     | Eq. 13 | w' eps_ft(c) + (1 - w' + k) eps_pre(0)               | ft_cond, pre_uncond, w', k     |
+| ``model_guidance`` | Eq. 6  | w  eps_ft(0) + (1 - w) eps_pre(0)                    | ft_uncond, pre_uncond, w, 0    |
+| ``cfg``            | Eq. 8  | w' eps_ft(c) + (1 - w') eps_ft(0)                    | ft_cond, ft_uncond, w', 0      |
+| ``direct``         |        | eps_ft(c)                                            | ft_cond, ft_uncond, 1, 0       |
 
-Eq. 13 as written, eps_ft(c) + (w'-1)(eps_ft(c) - eps_pre(0)) + k eps_pre(0), expands to the first row.
+Eq. 13 as written, eps_ft(c) + (w'-1)(eps_ft(c) - eps_pre(0)) + k eps_pre(0), expands to the first row: CFG from
+eps_pre(0) towards eps_ft(c) at scale w', plus k eps_pre(0). Written as CFG, each mode can pass through the hooks a
+host has for CFG (a replaced CFG formula, functions on the two predictions before it and on its result after).
 
-Samplers that work on denoised predictions (ComfyUI's) need the same combination of D = x - sigma * eps. Its
-coefficients sum to 1 + k, not 1, so the denoised form carries an extra ``-k * x``:
-D = w' D_ft(c) + (1 - w' + k) D_pre(0) - k x.
+Samplers that work on denoised predictions (ComfyUI's) need the same combination of D = x - sigma * eps. The
+weights sum to 1 + k, not 1, so the denoised form carries the correction as k (D_uncond - x):
+D = D_uncond + w' (D_cond - D_uncond) + k (D_uncond - x) = w' D_ft(c) + (1 - w' + k) D_pre(0) - k x.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,65 +45,58 @@ CFG_DEFAULT_SCALE = 3.0
 
 
 @dataclass(frozen=True)
-class Coefficients:
-    """Weights of each prediction in the guided eps; zero weight means the prediction is not needed."""
+class GuidanceForm:
+    """A mode as CFG: D = D_uncond + scale (D_cond - D_uncond) + correction (D_uncond - x), branches named as above."""
 
-    ft_cond: float = 0.0
-    pre_uncond: float = 0.0
-    ft_uncond: float = 0.0
+    cond: str
+    uncond: str
+    scale: float
+    correction: float = 0.0
 
     @property
-    def total(self) -> float:
-        return self.ft_cond + self.pre_uncond + self.ft_uncond
+    def uncond_weight(self) -> float:
+        """Weight of the uncond prediction in the eps form; zero means it need not be computed."""
+        return 1.0 - self.scale + self.correction
 
-    def needs(self, branch: str) -> bool:
-        return getattr(self, branch) != 0.0
+    def weight(self, branch: str) -> float:
+        return {self.cond: self.scale, self.uncond: self.uncond_weight}.get(branch, 0.0)
 
 
-def coefficients(mode: GuidanceMode | str, scale: float, k: float = 0.0) -> Coefficients:
-    """The eps-form weights of ``mode`` at guidance scale ``scale`` (w' or w) and correction ``k``.
+def guidance_form(mode: GuidanceMode | str, scale: float, k: float = 0.0) -> GuidanceForm:
+    """``mode`` at guidance scale ``scale`` (w' or w) and correction ``k``, written as CFG.
 
-    ``k`` only enters ``finextract``; the other modes ignore it (Eq. 6 and 8 have no correction term).
-    A weight that comes out exactly zero (say w' = 1 in ``cfg``) drops that model call.
+    ``k`` only enters ``finextract``; the other modes ignore it (Eq. 6 and 8 have no correction term). A NaN or
+    infinite value is refused here, before any sampling, naming the input it came from.
     """
+    for name, value in (("guidance_scale", scale), ("k", k)):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"'{name}' is {value}: it must be a finite number (the paper uses w' = {DREAMBOOTH_DEFAULTS['scale']} "
+                f"and k = {DREAMBOOTH_DEFAULTS['k']} for DreamBooth, w' = {LORA_DEFAULTS['scale']} and k = "
+                f"{LORA_DEFAULTS['k']} for LoRA). A NaN or inf usually comes from a linked math or primitive node: "
+                f"check what feeds '{name}'.")
     mode = GuidanceMode(mode)
     if mode is GuidanceMode.FINEXTRACT:
-        return Coefficients(ft_cond=scale, pre_uncond=1.0 - scale + k)
+        return GuidanceForm("ft_cond", "pre_uncond", scale, k)
     if mode is GuidanceMode.MODEL_GUIDANCE:
-        return Coefficients(ft_uncond=scale, pre_uncond=1.0 - scale)
+        return GuidanceForm("ft_uncond", "pre_uncond", scale)
     if mode is GuidanceMode.CFG:
-        return Coefficients(ft_cond=scale, ft_uncond=1.0 - scale)
-    return Coefficients(ft_cond=1.0)
+        return GuidanceForm("ft_cond", "ft_uncond", scale)
+    return GuidanceForm("ft_cond", "ft_uncond", 1.0)
 
 
-def combine_eps(coef: Coefficients, predictions: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The guided noise prediction from the eps predictions named like the fields of ``coef``."""
-    return _weighted_sum(coef, predictions)
+def cfg_combination(form: GuidanceForm, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """The CFG part, D_uncond + scale (D_cond - D_uncond): what a host may replace with a formula of its own."""
+    return uncond + (cond - uncond) * form.scale
 
 
-def combine_denoised(coef: Coefficients, predictions: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The guided denoised prediction from denoised predictions D = x - sigma * eps at the noisy input ``x``.
+def apply_correction(form: GuidanceForm, cfg_result: torch.Tensor, uncond: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor:
+    """The guided denoised prediction from the CFG part: adds k (D_uncond - x), the term that is easy to miss.
 
-    Equal to x - sigma * combine_eps(...) for any sigma, because the weights sum to 1 + k: the surplus k is taken
-    back as ``-k * x`` (the term that is easy to miss).
+    Equal to x - sigma * (guided eps) for any sigma, because the eps weights sum to 1 + k. An uncond prediction
+    that was not computed (weight zero) may be given as zeros: it then cancels exactly.
     """
-    guided = _weighted_sum(coef, predictions)
-    surplus = coef.total - 1.0
-    if surplus != 0.0:
-        guided = guided - surplus * x
-    return guided
-
-
-def _weighted_sum(coef: Coefficients, predictions: dict[str, torch.Tensor]) -> torch.Tensor:
-    total = None
-    for branch in ("ft_cond", "pre_uncond", "ft_uncond"):
-        weight = getattr(coef, branch)
-        if weight == 0.0:
-            continue
-        if branch not in predictions:
-            raise KeyError(f"guidance needs the '{branch}' prediction (weight {weight}) but it was not computed")
-        term = predictions[branch] * weight
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("every guidance weight is zero: there is nothing to sample from")
-    return total
+    if form.correction == 0.0:
+        return cfg_result
+    return cfg_result + (uncond - x) * form.correction

@@ -2,74 +2,23 @@
 
 Ground truth: each model is evaluated alone through ComfyUI's own CFGGuider at cfg 1 (the fine-tuned model alone,
 the pretrained model alone), and the paper's eps-form equations are applied by hand to those predictions. The
-guider must match to 1e-5 (relative to the predictions' magnitude), for a DreamBooth pair (two checkpoints) and a LoRA pair (base + LoRA sharing weights), for
-SD 1.x- and SDXL-shaped models.
+guider must match to 1e-5 (relative to the predictions' magnitude), for a DreamBooth pair (two checkpoints) and a LoRA
+pair (base + LoRA sharing weights) on both of its paths (the side branch and conditioning hooks), for SD 1.x- and
+SDXL-shaped models. The other adapter types: test_guider_lora_paths.py.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 from fixtures import tiny_models
+from fixtures.guidance_checks import alone, assert_matches, check_guider_step, conditioning
 
 W, K = 3.0, -0.02
 MODES = ["finextract", "model_guidance", "cfg", "direct"]
-
-
-def one_step(guider, noise: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a guider for a single model call at ``sigma``; returns (x the model saw, denoised prediction)."""
-    import comfy.samplers
-
-    seen = {}
-
-    def record(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        denoised = model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
-        seen["x"], seen["denoised"] = x.clone(), denoised.clone()
-        return denoised
-
-    sigmas = torch.tensor([sigma, 0.0])
-    guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(record), sigmas, seed=0)
-    return seen["x"], seen["denoised"]
-
-
-def alone(model, cond, noise, sigma):
-    """A model evaluated by itself through ComfyUI's standard guider (cfg 1: the conditional prediction only)."""
-    import comfy.samplers
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(cond, cond)
-    guider.set_cfg(1.0)
-    return one_step(guider, noise, sigma)[1]
-
-
-def paper_equation(mode, x, sigma, d_ft_c, d_ft_0, d_pre_0):
-    """The paper's equations in eps form, written out (not taken from the pack), converted back to denoised."""
-    eps = {name: (x - d) / sigma for name, d in (("ft_c", d_ft_c), ("ft_0", d_ft_0), ("pre_0", d_pre_0))}
-    if mode == "finextract":  # Eq. 13
-        guided = eps["ft_c"] + (W - 1) * (eps["ft_c"] - eps["pre_0"]) + K * eps["pre_0"]
-    elif mode == "model_guidance":  # Eq. 6
-        guided = eps["ft_0"] + (W - 1) * (eps["ft_0"] - eps["pre_0"])
-    elif mode == "cfg":  # Eq. 8 on the fine-tuned model
-        guided = eps["ft_0"] + W * (eps["ft_c"] - eps["ft_0"])
-    else:
-        guided = eps["ft_c"]
-    return x - sigma * guided
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: float = 1e-5):
-    """Max error within ``tolerance`` of the prediction's scale. Batching cond and uncond together (as ComfyUI does)
-    instead of one at a time moves fp32 results by a few 1e-6 of their magnitude, so an absolute bound would test
-    the CPU's summation order, not the guidance."""
-    error = (actual - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert error <= tolerance * scale, f"{what}: max error {error:.3g} exceeds {tolerance} x {scale:.3g}"
-
-
-def conditioning(context_dim: int, seed: int, pooled: int | None = None):
-    gen = torch.Generator().manual_seed(seed)
-    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=gen)}
-    return [[torch.randn(1, 77, context_dim, generator=gen), extra]]
 
 
 def sd15_pairs(host, tmp_path):
@@ -112,24 +61,19 @@ def test_guider_step_equals_paper_equations(host, tmp_path, family):
     sigma = 2.5
 
     # The LoRA as ComfyUI applies it agrees with the LoRA folded in by hand: the reference itself is right.
-    d_lora = alone(with_lora, caption, noise, sigma)
-    assert_matches(d_lora, alone(merged, caption, noise, sigma), "LoRA applied by ComfyUI vs merged by hand")
+    assert_matches(alone(with_lora, caption, noise, sigma), alone(merged, caption, noise, sigma),
+                   "LoRA applied by ComfyUI vs merged by hand")
 
-    for case, fine_tuned in (("dreambooth", dreambooth), ("lora", with_lora)):
-        d_ft_c = alone(fine_tuned, caption, noise, sigma)
-        d_ft_0 = alone(fine_tuned, empty, noise, sigma)
-        d_pre_0 = alone(base, empty, noise, sigma)
-        # The fine-tune must move the prediction far beyond the tolerance, or a guider that used one model's
-        # weights for both branches would pass.
-        effect = (d_ft_c - alone(base, caption, noise, sigma)).abs().max().item()
-        assert effect > 1e-3 * d_ft_c.abs().max().item(), f"{case}: the fine-tune barely changes the model"
-        for mode in MODES:
-            guider = host.module("nodes.guider").build_guider(fine_tuned, base, caption, empty, mode, W, K)
-            x, guided = one_step(guider, noise, sigma)
-            expected = paper_equation(mode, x, sigma, d_ft_c, d_ft_0, d_pre_0)
-            assert_matches(guided, expected, f"{family} {case} {mode}")
-        # Evaluating the base alone after a shared-weights run still gives the base: no LoRA left behind.
-        assert_matches(alone(base, empty, noise, sigma), d_pre_0, "base after a shared-weights run")
+    guider = host.module("nodes.guider")
+    check_guider_step(guider.build_guider, dreambooth, base, caption, empty, noise, sigma, MODES, W, K,
+                      f"{family} dreambooth")
+    # Both ways of splitting a shared base: the LoRA as a side branch in one batch, and as conditioning hooks.
+    for path, allow_side_branch in (("side branch", True), ("conditioning hooks", False)):
+        build = functools.partial(guider.build_guider, allow_side_branch=allow_side_branch)
+        built = check_guider_step(build, with_lora, base, caption, empty, noise, sigma, MODES, W, K,
+                                  f"{family} lora ({path})")
+        assert built["finextract"].lora_path == path and built["model_guidance"].lora_path == path
+        assert built["cfg"].lora_path is None  # cfg runs the fine-tuned model alone, the LoRA merged by ComfyUI
 
 
 def test_pairing_errors_say_what_to_do(host, tmp_path):
