@@ -192,6 +192,13 @@ def pair_models(fine_tuned, pretrained, allow_side_branch: bool = True) -> Model
     check_same_family(fine_tuned, pretrained)
     if not fine_tuned.is_clone(pretrained):
         return ModelPair(fine_tuned, pretrained)
+    own_injections = set(getattr(fine_tuned, "injections", {})) - set(getattr(pretrained, "injections", {}))
+    if own_injections:
+        raise ModelPairError(
+            f"The fine-tuned MODEL changes the base's forward pass itself ({', '.join(sorted(own_injections))}: a LoRA "
+            "loaded in bypass mode, for example), which model guidance cannot keep to the fine-tuned rows of a shared "
+            "base. Load the LoRA with LoraLoaderModelOnly instead."
+        )
     extra = _extra_patches(fine_tuned, pretrained)
     if not extra:
         raise ModelPairError(
