@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fixtures import tiny_models
-from fixtures.guidance_checks import alone, assert_matches, conditioning, one_step
+from fixtures.guidance_checks import alone, assert_matches, conditioning, one_step, sd15_models
 
 W, K = 3.0, -0.02
 SIGMA = 2.5
@@ -27,13 +27,10 @@ EPSILON_SCALE = 1.2
 def models(host, tmp_path_factory):
     import comfy.sd
 
-    folder = tmp_path_factory.mktemp("cfg-patches")
-    weights = tiny_models.sd15_unet(seed=1)
-    base = comfy.sd.load_diffusion_model(tiny_models.save_unet(str(folder / "base.safetensors"), weights))
-    dreambooth = comfy.sd.load_diffusion_model(
-        tiny_models.save_unet(str(folder / "dreambooth.safetensors"), tiny_models.fine_tune_of(weights, 2)))
-    lora = comfy.sd.load_lora_for_models(base, None, tiny_models.attention_lora(weights, seed=3), 0.8, 0.0)[0]
-    return {"base": base, "dreambooth": dreambooth, "lora": lora, "weights": weights}
+    built = sd15_models(tmp_path_factory.mktemp("cfg-patches"))
+    built["lora"] = comfy.sd.load_lora_for_models(
+        built["base"], None, tiny_models.attention_lora(built["weights"], seed=3), 0.8, 0.0)[0]
+    return built
 
 
 def inputs():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fixtures import tiny_models
-from fixtures.guidance_checks import check_guider_step, conditioning, one_step
+from fixtures.guidance_checks import check_guider_step, conditioning, one_step, sd15_models
 
 W, K = 3.0, -0.02
 MODES = ["finextract", "model_guidance"]  # the modes that split the base (cfg and direct run the fine-tune alone)
@@ -36,11 +36,8 @@ HOOK_REASONS = {"loha": "'loha' adapter", "lokr": "'lokr' adapter", "dora": "DoR
 
 @pytest.fixture(scope="module")
 def base_model(host, tmp_path_factory):
-    import comfy.sd
-
-    weights = tiny_models.sd15_unet(seed=1)
-    path = tiny_models.save_unet(str(tmp_path_factory.mktemp("lora-paths") / "base.safetensors"), weights)
-    return comfy.sd.load_diffusion_model(path), weights
+    built = sd15_models(tmp_path_factory.mktemp("lora-paths"))
+    return built["base"], built["weights"]
 
 
 def with_adapter(model, adapter: dict, strength: float = 0.8):
@@ -139,3 +136,16 @@ def test_pairs_that_cannot_be_split_exactly_are_refused(host, base_model):
     caption, empty, noise, sigma = step_inputs()
     check_guider_step(guider.build_guider, in_order, pretrained, caption, empty, noise, sigma, MODES, W, K,
                       "audited LoRA on a shared DoRA")
+
+
+def test_a_lora_injected_into_the_forward_pass_is_refused(host, base_model):
+    """Newer ComfyUI loads LoRAs in bypass mode as injections into the model's forward pass: on a shared base they
+    would reach both branches or neither, so the pair is refused with the loader to use instead."""
+    import comfy.patcher_extension
+
+    base, _ = base_model
+    fine_tuned = base.clone()  # a bypass loader patches no weight
+    fine_tuned.set_injections("bypass_lora", [comfy.patcher_extension.PatcherInjection(lambda p: None, lambda p: None)])
+    guider = host.module("nodes.guider")
+    with pytest.raises(guider.ModelPairError, match=r"bypass_lora: a LoRA loaded in bypass mode.*LoraLoaderModelOnly"):
+        guider.pair_models(fine_tuned, base)

@@ -13,22 +13,15 @@ import math
 import pytest
 import torch
 
-from fixtures import tiny_models
-from fixtures.guidance_checks import conditioning
+from fixtures.guidance_checks import conditioning, sd15_models
 
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def models(host, tmp_path_factory):
-    import comfy.sd
-
-    folder = tmp_path_factory.mktemp("sampler-output")
-    weights = tiny_models.sd15_unet(seed=1)
-    base = comfy.sd.load_diffusion_model(tiny_models.save_unet(str(folder / "base.safetensors"), weights))
-    dreambooth = comfy.sd.load_diffusion_model(
-        tiny_models.save_unet(str(folder / "dreambooth.safetensors"), tiny_models.fine_tune_of(weights, 2)))
-    return base, dreambooth
+    built = sd15_models(tmp_path_factory.mktemp("sampler-output"))
+    return built["base"], built["dreambooth"]
 
 
 @pytest.mark.parametrize("sampler_name", ["euler_ancestral", "dpmpp_2m"])
