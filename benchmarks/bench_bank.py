@@ -1,6 +1,6 @@
 """Candidate bank: peak memory against N, and the time the bank adds per candidate. Prints figures; asserts nothing.
 
-    python -m benchmarks.bench_bank [--counts 500 5000] [--overhead-candidates 12] [--steps 2]
+    python -m benchmarks.bench_bank [--counts 500 5000] [--overhead-candidates 12] [--steps 2] [--batch 4]
 
 1. Peak RSS for each N, each in a fresh process: N small candidates (latents 4x8x8, 512-d embeddings, batches of 4)
    streamed through the bank exactly as the Candidate Bank node does (write each batch, then read all N embeddings
@@ -69,7 +69,7 @@ def memory_against_n(counts: list[int]) -> None:
               f"{EMBEDDING_BYTES / 1024:.2f} KiB; its latent stays on disk: {LATENT_BYTES / 1024:.2f} KiB)")
 
 
-def overhead(candidates: int, steps: int) -> None:
+def overhead(candidates: int, steps: int, batch: int) -> None:
     from fixtures.bank_helpers import write_test_sscd
     from fixtures.stand_in_models import write_stand_in_models
     from tools.host.comfy_inprocess import load_host
@@ -90,7 +90,7 @@ def overhead(candidates: int, steps: int) -> None:
                   negative=encode.encode(clip, "")[0], mode="finextract", guidance_scale=5.0, k=0.0,
                   latent_image=nodes["EmptyLatentImage"]().generate(64, 64, 1)[0], steps=steps, sampler_name="ddim",
                   scheduler="ddim_uniform", vae=vae, sscd_model=sscd_name, preset="paper", num_candidates=candidates,
-                  first_candidate=0, batch_size=4)
+                  first_candidate=0, batch_size=batch)
     node = nodes["FineXtractCandidateBank"]
     node.execute(**inputs, seed=99, bank_folder=os.path.join(work, "warm-up"))  # first-call costs out of the way
     # Time spent inside the bank (opening and scanning, writing shards, reading the embeddings back) is what a run
@@ -117,7 +117,7 @@ def overhead(candidates: int, steps: int) -> None:
         banks.append(in_bank[0])
     best = min(range(2), key=lambda r: totals[r])
     total, bank_time = totals[best] / candidates, banks[best] / candidates
-    print(f"Overhead ({candidates} candidates, {steps} steps, 64 px, batch 4, faster of 2 runs):")
+    print(f"Overhead ({candidates} candidates, {steps} steps, 64 px, batch {batch}, faster of 2 runs):")
     print(f"  with the bank           {total * 1000:8.1f} ms per candidate")
     print(f"  without (bank time out) {(total - bank_time) * 1000:8.1f} ms per candidate")
     print(f"  overhead                {100 * bank_time / (total - bank_time):+8.1f} %")
@@ -131,9 +131,10 @@ def main():
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 5000])
     parser.add_argument("--overhead-candidates", type=int, default=12)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4, help="candidates per sampling batch in the overhead run")
     args = parser.parse_args()
     memory_against_n(args.counts)
-    overhead(args.overhead_candidates, args.steps)
+    overhead(args.overhead_candidates, args.steps, args.batch)
 
 
 if __name__ == "__main__":

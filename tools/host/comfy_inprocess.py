@@ -34,7 +34,13 @@ def load_host(threads: int = 1) -> types.SimpleNamespace:
     if comfy_root not in sys.path:
         sys.path.insert(0, comfy_root)
     from comfy.cli_args import args
-    args.cpu = True
+    # FINEXTRACT_DEVICE=cuda lets ComfyUI pick the GPU and its dtypes (benchmarks/gpu_check.sh); cuda-fp32 keeps fp32
+    # weights and math (no TF32), for the exactness tests.
+    device = os.environ.get("FINEXTRACT_DEVICE", "cpu")
+    args.cpu = device == "cpu"
+    if device == "cuda-fp32":
+        args.force_fp32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     args.base_directory = settings["FINEXTRACT_BASE"]
     import folder_paths
     import utils.install_util  # noqa: F401 -- as main.py does, before nodes.py puts comfy/ (with utils.py) first
