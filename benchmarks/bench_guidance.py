@@ -19,7 +19,7 @@ Sizes (random weights built in memory by ComfyUI's own loader, never written to 
 of evaluating two different models (DreamBooth) can pay over CFG on this machine.
 
     .host/venv/bin/python -m benchmarks.bench_guidance [--size small|sd15|sdxl] [--steps 8] [--batch 2]
-        [--latent 16] [--repeats 3] [--floor] [--dtype fp32|fp16|bf16] [--threads 1]
+        [--latent 16] [--repeats 3] [--floor] [--only dreambooth|lora|floor] [--dtype fp32|fp16|bf16] [--threads 1]
 FINEXTRACT_DEVICE=cuda runs it on the GPU (see benchmarks/gpu_check.sh).
 """
 
@@ -125,23 +125,26 @@ def worker(case: str, method: str, opts) -> dict:
         guider = host.module("nodes.guider").build_guider(
             fine_tuned, base, caption, empty, "finextract", **CASES[case], allow_side_branch=not method.endswith("hooks"))
 
-    def timed_run(n: int) -> float:
+    def timed_run(n: int) -> tuple[float, float]:
+        """(wall, CPU) seconds of an n-step run."""
         if meter.cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         host.module("nodes.sampling").sample_with_guider(guider, latent_batch, seed=0, steps=n, sampler_name="ddim",
                                                          scheduler="ddim_uniform", denoise=1.0)
         if meter.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     timed_run(2)  # warm-up: first load and allocation
     meter.reset_peak()
-    short, long = timed_run(2), timed_run(2 + opts.steps)
-    # The slope is the cost of a step; what a run pays once (loading, patching the LoRA) is the intercept.
+    (short, short_cpu), (long, long_cpu) = timed_run(2), timed_run(2 + opts.steps)
+    # The slope is the cost of a step; what a run pays once (loading, patching the LoRA) is the intercept. CPU seconds
+    # are what the worker itself spent: on a shared machine they do not grow with the time others take from it.
     per_step = (long - short) / opts.steps
     peak = meter.peak()
-    return {"s_per_step": per_step, "s_per_run": short - 2 * per_step, "peak_mb": peak, "model_mb": peak - meter.before}
+    return {"s_per_step": per_step, "cpu_s_per_step": (long_cpu - short_cpu) / opts.steps,
+            "s_per_run": short - 2 * per_step, "peak_mb": peak, "model_mb": peak - meter.before}
 
 
 def forward_floor(torch, patcher, caption, opts, device, meter) -> dict:
@@ -152,7 +155,7 @@ def forward_floor(torch, patcher, caption, opts, device, meter) -> dict:
     comfy.model_management.load_models_gpu([patcher])
     model = patcher.model
 
-    def forward(batch: int) -> float:
+    def forward(batch: int) -> tuple[float, float]:
         x = torch.randn(batch, 4, opts.latent, opts.latent, device=device)
         sigma = torch.full((batch,), 5.0, device=device)
         kwargs = {"c_crossattn": caption[0][0].repeat(batch, 1, 1).to(device)}
@@ -161,16 +164,20 @@ def forward_floor(torch, patcher, caption, opts, device, meter) -> dict:
         with torch.inference_mode():
             if meter.cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             model.apply_model(x, sigma, **kwargs)
             if meter.cuda:
                 torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     forward(2 * opts.batch)  # warm-up
-    half = min(forward(opts.batch) + forward(opts.batch) for _ in range(2))
-    whole = min(forward(2 * opts.batch) for _ in range(2))
-    return {"s_per_step": half, "s_per_run": whole, "peak_mb": 0.0, "model_mb": 0.0}
+    two = []
+    for _ in range(2):
+        (first, first_cpu), (second, second_cpu) = forward(opts.batch), forward(opts.batch)
+        two.append((first + second, first_cpu + second_cpu))
+    one = [forward(2 * opts.batch) for _ in range(2)]
+    return {"two_forwards": min(w for w, _ in two), "two_forwards_cpu": min(c for _, c in two),
+            "one_forward": min(w for w, _ in one), "one_forward_cpu": min(c for _, c in one)}
 
 
 def main() -> None:
@@ -183,14 +190,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="weights' dtype (default: the size's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--floor", action="store_true", help="also time two forwards of B against one of 2B")
-    parser.add_argument("--only", choices=sorted(CASES), help="run one case only")
+    parser.add_argument("--only", choices=[*sorted(CASES), "floor"], help="run one case only, or only the floor")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
         print(json.dumps(worker(*opts.worker, opts)))
         return
 
-    runs = [run for run in RUNS if opts.only in (None, run[0])] + ([FLOOR] if opts.floor else [])
+    runs = [run for run in RUNS if opts.only in (None, run[0])] + ([FLOOR] if opts.floor or opts.only == "floor" else [])
     results = {run: [] for run in runs}
     forwarded = ["--size", opts.size, "--steps", str(opts.steps), "--batch", str(opts.batch),
                  "--latent", str(opts.latent), "--threads", str(opts.threads)] + (["--dtype", opts.dtype] if opts.dtype else [])
@@ -207,24 +214,27 @@ def main() -> None:
     print(f"size {opts.size} ({dtype}), batch {opts.batch} (CFG and FineXtract evaluate {2 * opts.batch} rows per step), "
           f"latent {opts.latent}x{opts.latent}, {opts.steps} ddim steps, {opts.repeats} repeats (medians), "
           f"{opts.threads} torch thread(s) per worker, device {os.environ.get('FINEXTRACT_DEVICE', 'cpu')}")
-    print(f"{'case':<11} {'method':<27} {'s/step':>8} {'s/run once':>10} {'peak MB':>9} {'models+sampling MB':>19}")
-    medians = {}
-    for (case, method), runs_of in results.items():
-        medians[case, method] = m = {key: statistics.median(r[key] for r in runs_of) for key in runs_of[0]}
-        if (case, method) == FLOOR:
-            continue
-        print(f"{case:<11} {method:<27} {m['s_per_step']:>8.3f} {m['s_per_run']:>10.3f} {m['peak_mb']:>9.0f} "
-              f"{m['model_mb']:>19.0f}")
-    for case, method in results:
+    print(f"{'case':<11} {'method':<27} {'s/step':>8} {'CPU s/step':>10} {'s/run once':>10} {'peak MB':>9} "
+          f"{'models+sampling MB':>19}")
+    medians = {run: {key: statistics.median(r[key] for r in results[run]) for key in results[run][0]}
+               for run in results}
+    for (case, method), m in medians.items():
+        if (case, method) != FLOOR:
+            print(f"{case:<11} {method:<27} {m['s_per_step']:>8.3f} {m['cpu_s_per_step']:>10.3f} {m['s_per_run']:>10.3f} "
+                  f"{m['peak_mb']:>9.0f} {m['model_mb']:>19.0f}")
+    for (case, method), fx in medians.items():
         if method == "cfg" or (case, method) == FLOOR:
             continue
-        fx, cfg = medians[case, method], medians[case, "cfg"]
-        print(f"{case} {method}: / CFG time per step {fx['s_per_step'] / cfg['s_per_step']:.2f}x, "
-              f"peak {fx['peak_mb'] / cfg['peak_mb']:.2f}x, models+sampling {fx['model_mb'] / cfg['model_mb']:.2f}x")
+        cfg = medians[case, "cfg"]
+        print(f"{case} {method} / CFG: time per step {fx['s_per_step'] / cfg['s_per_step']:.2f}x (CPU time "
+              f"{fx['cpu_s_per_step'] / cfg['cpu_s_per_step']:.2f}x), peak {fx['peak_mb'] / cfg['peak_mb']:.2f}x, "
+              f"models+sampling {fx['model_mb'] / cfg['model_mb']:.2f}x")
     if FLOOR in medians:
-        two, one = medians[FLOOR]["s_per_step"], medians[FLOOR]["s_per_run"]
-        print(f"UNet forwards: 2 of batch {opts.batch} {two:.3f} s, 1 of batch {2 * opts.batch} {one:.3f} s: "
-              f"{two / one:.2f}x (the floor for two different models against CFG's one forward)")
+        m = medians[FLOOR]
+        print(f"UNet forwards: 2 of batch {opts.batch} {m['two_forwards']:.3f} s (CPU {m['two_forwards_cpu']:.3f}), "
+              f"1 of batch {2 * opts.batch} {m['one_forward']:.3f} s (CPU {m['one_forward_cpu']:.3f}): "
+              f"{m['two_forwards'] / m['one_forward']:.2f}x (CPU {m['two_forwards_cpu'] / m['one_forward_cpu']:.2f}x), "
+              "the floor for two different models against CFG's one forward")
 
 
 if __name__ == "__main__":

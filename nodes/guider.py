@@ -212,6 +212,10 @@ def pair_models(fine_tuned, pretrained, allow_side_branch: bool = True) -> Model
         LOG.warning("finextract: the fine-tuned MODEL has object patches the pretrained one lacks; they are not applied "
                     "to the fine-tuned branch when the two share a base model")
     reason = "the side branch was turned off"
+    if any(p.get_additional_models_with_key("multigpu") for p in (fine_tuned, pretrained)):
+        # ComfyUI then runs parts of a batch on other devices' copies of the model, at the same time: ComfyUI carries
+        # hooks over to those copies, the side branch's layer hooks are on this copy only.
+        reason, allow_side_branch = "the model is spread over several GPUs (MultiGPU)", False
     if allow_side_branch:
         try:
             return ModelPair(fine_tuned, pretrained, side_branch=side_branch_for(fine_tuned.model, extra))

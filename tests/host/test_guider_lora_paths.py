@@ -149,3 +149,14 @@ def test_a_lora_injected_into_the_forward_pass_is_refused(host, base_model):
     guider = host.module("nodes.guider")
     with pytest.raises(guider.ModelPairError, match=r"bypass_lora: a LoRA loaded in bypass mode.*LoraLoaderModelOnly"):
         guider.pair_models(fine_tuned, base)
+
+
+def test_a_base_spread_over_several_gpus_takes_the_hook_path(host, base_model):
+    """ComfyUI's MultiGPU support runs parts of a batch on other devices' copies of the model at the same time; it
+    carries conditioning hooks over to them, not the side branch's layer hooks."""
+    base, weights = base_model
+    spread = base.clone()
+    spread.set_additional_models("multigpu", [base.clone()])  # what ComfyUI's MultiGPU node adds (one copy per GPU)
+    fine_tuned = with_adapter(spread, tiny_models.attention_lora(weights, seed=3))
+    pair = host.module("nodes.guider").pair_models(fine_tuned, spread)
+    assert pair.side_branch is None and pair.lora_hooks is not None and "MultiGPU" in pair.hook_reason
