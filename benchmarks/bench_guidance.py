@@ -5,11 +5,14 @@ Case (b) LoRA: base + an attention LoRA (rank 4) through ComfyUI's LoRA loader; 
 either with the side branch (one forward of the whole batch, the LoRA added to the fine-tuned rows) or with
 ComfyUI's conditioning hooks (two forwards, the LoRA swapped in and out).
 The CFG baseline is ComfyUI's own CFGGuider on the fine-tuned model (w' = 3), the FineXtract run is the pack's guider
-(w' = 3, k = -0.02 for (a); w' = 5, k = 0 for (b)). Seconds per step are the slope between a short and a long run
-(what a run pays once, such as merging the LoRA weights, is reported apart). Memory is the peak of models + sampling:
-the process's peak RSS while sampling less its RSS before the models were built (on CUDA: peak allocated GPU memory).
-Each (case, method) runs in a fresh worker process so its peak is its own; the workers are interleaved over the
-repeats and the medians reported, with their ratios to CFG.
+(w' = 3, k = -0.02 for (a); w' = 5, k = 0 for (b)).
+
+Time: one process per case holds the case's models and runs its methods interleaved over the repeats (each repeat
+runs each method for 2 and for 2 + steps steps), so a change in a shared machine's load reaches every method alike;
+seconds per step are the slope (what a run pays once, such as merging the LoRA weights, is the intercept), medians
+over the repeats, in wall seconds and in the CPU seconds the process itself spent.
+Memory: one fresh process per (case, method), so its peak is its own: the peak of models + sampling, that is the
+process's peak RSS during a 2-step run less its RSS before the models were built (on CUDA: peak allocated memory).
 
 Sizes (random weights built in memory by ComfyUI's own loader, never written to disk):
   small  the 60 M-parameter SD 1.x-shaped UNet (two levels), fp32
@@ -79,6 +82,16 @@ class MemoryMeter:
     def peak(self) -> float:
         return self.torch.cuda.max_memory_allocated() / 2 ** 20 if self.cuda else memory_mb("VmHWM")
 
+    def timed(self, function) -> tuple[float, float]:
+        """(wall, CPU) seconds of ``function()``; on CUDA, the GPU's work included."""
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        function()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
 
 def conditioning(torch, context_dim: int, adm: bool, seed: int):
     gen = torch.Generator().manual_seed(seed)
@@ -86,7 +99,8 @@ def conditioning(torch, context_dim: int, adm: bool, seed: int):
     return [[torch.randn(1, 77, context_dim, generator=gen), extra]]
 
 
-def worker(case: str, method: str, opts) -> dict:
+def build_case(case: str, methods: list[str], opts):
+    """The models of ``case`` and what each of ``methods`` runs; returns (run(method, steps), meter)."""
     import torch
 
     from tools.host.comfy_inprocess import load_host
@@ -106,50 +120,38 @@ def worker(case: str, method: str, opts) -> dict:
     adm = config.get("adm_in_channels") is not None
     caption = conditioning(torch, config["context_dim"], adm, 0)
     empty = conditioning(torch, config["context_dim"], adm, 1)
-    if method == FLOOR[1]:
-        return forward_floor(torch, tiny_models.full_size_patcher(config, 1, dtype), caption, opts, device, meter)
-    # CFG on a DreamBooth needs only the fine-tuned model; everything else needs the base.
-    needs_base = not (case == "dreambooth" and method == "cfg")
-    base = tiny_models.full_size_patcher(config, 1, dtype) if needs_base else None
-    if case == "dreambooth":
-        fine_tuned = tiny_models.full_size_patcher(config, 1, dtype, fine_tune_seed=2)
-    else:
+    # CFG on a DreamBooth needs only the fine-tuned model, the floor only one model; the rest needs the base.
+    base = None if case == "dreambooth" and methods == ["cfg"] else tiny_models.full_size_patcher(config, 1, dtype)
+    if case == "lora":
         lora = tiny_models.attention_lora(base.model.diffusion_model.state_dict(), seed=3)
         fine_tuned = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)[0]
-    latent_batch = {"samples": torch.zeros(opts.batch, 4, opts.latent, opts.latent)}
-    if method == "cfg":
-        guider = comfy.samplers.CFGGuider(fine_tuned)
-        guider.set_conds(caption, empty)
-        guider.set_cfg(3.0)
-    else:
-        guider = host.module("nodes.guider").build_guider(
-            fine_tuned, base, caption, empty, "finextract", **CASES[case], allow_side_branch=not method.endswith("hooks"))
+    elif methods != [FLOOR[1]]:
+        fine_tuned = tiny_models.full_size_patcher(config, 1, dtype, fine_tune_seed=2)
+    guiders = {}
+    for method in methods:
+        if method == "cfg":
+            guiders[method] = comfy.samplers.CFGGuider(fine_tuned)
+            guiders[method].set_conds(caption, empty)
+            guiders[method].set_cfg(3.0)
+        elif method != FLOOR[1]:
+            guiders[method] = host.module("nodes.guider").build_guider(
+                fine_tuned, base, caption, empty, "finextract", **CASES[case],
+                allow_side_branch=not method.endswith("hooks"))
+    latent = {"samples": torch.zeros(opts.batch, 4, opts.latent, opts.latent)}
+    sample = host.module("nodes.sampling").sample_with_guider
 
-    def timed_run(n: int) -> tuple[float, float]:
-        """(wall, CPU) seconds of an n-step run."""
-        if meter.cuda:
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.process_time()
-        host.module("nodes.sampling").sample_with_guider(guider, latent_batch, seed=0, steps=n, sampler_name="ddim",
-                                                         scheduler="ddim_uniform", denoise=1.0)
-        if meter.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - wall, time.process_time() - cpu
+    def run(method: str, steps: int):
+        if method == FLOOR[1]:
+            return forward_floor(torch, base, caption, opts, device, meter)
+        return meter.timed(lambda: sample(guiders[method], latent, seed=0, steps=steps, sampler_name="ddim",
+                                          scheduler="ddim_uniform", denoise=1.0))
 
-    timed_run(2)  # warm-up: first load and allocation
-    meter.reset_peak()
-    (short, short_cpu), (long, long_cpu) = timed_run(2), timed_run(2 + opts.steps)
-    # The slope is the cost of a step; what a run pays once (loading, patching the LoRA) is the intercept. CPU seconds
-    # are what the worker itself spent: on a shared machine they do not grow with the time others take from it.
-    per_step = (long - short) / opts.steps
-    peak = meter.peak()
-    return {"s_per_step": per_step, "cpu_s_per_step": (long_cpu - short_cpu) / opts.steps,
-            "s_per_run": short - 2 * per_step, "peak_mb": peak, "model_mb": peak - meter.before}
+    return run, meter
 
 
 def forward_floor(torch, patcher, caption, opts, device, meter) -> dict:
-    """Seconds of one UNet forward of batch B (twice) against one of 2B: at sizes where a forward's cost does not grow
-    with its batch (weights read and reordered per call), two models cannot cost what one forward of both costs."""
+    """Seconds of two UNet forwards of batch B against one of 2B: at sizes where a forward's cost does not grow with
+    its batch (weights read and reordered per call), two models cannot cost what one forward of both costs."""
     import comfy.model_management
 
     comfy.model_management.load_models_gpu([patcher])
@@ -162,22 +164,41 @@ def forward_floor(torch, patcher, caption, opts, device, meter) -> dict:
         if "pooled_output" in caption[0][1]:
             kwargs["y"] = torch.zeros(batch, model.adm_channels, device=device)
         with torch.inference_mode():
-            if meter.cuda:
-                torch.cuda.synchronize()
-            wall, cpu = time.perf_counter(), time.process_time()
-            model.apply_model(x, sigma, **kwargs)
-            if meter.cuda:
-                torch.cuda.synchronize()
-        return time.perf_counter() - wall, time.process_time() - cpu
+            return meter.timed(lambda: model.apply_model(x, sigma, **kwargs))
 
-    forward(2 * opts.batch)  # warm-up
-    two = []
-    for _ in range(2):
-        (first, first_cpu), (second, second_cpu) = forward(opts.batch), forward(opts.batch)
-        two.append((first + second, first_cpu + second_cpu))
-    one = [forward(2 * opts.batch) for _ in range(2)]
-    return {"two_forwards": min(w for w, _ in two), "two_forwards_cpu": min(c for _, c in two),
-            "one_forward": min(w for w, _ in one), "one_forward_cpu": min(c for _, c in one)}
+    (first, first_cpu), (second, second_cpu) = forward(opts.batch), forward(opts.batch)
+    one, one_cpu = forward(2 * opts.batch)
+    return {"two_forwards": first + second, "two_forwards_cpu": first_cpu + second_cpu, "one_forward": one,
+            "one_forward_cpu": one_cpu}
+
+
+def memory_worker(case: str, method: str, opts) -> dict:
+    """Peak memory of one method in a process of its own: models + a 2-step run after a warm-up run."""
+    run, meter = build_case(case, [method], opts)
+    run(method, 1)  # warm-up: first load and allocation
+    meter.reset_peak()
+    run(method, 2)
+    peak = meter.peak()
+    return {"peak_mb": peak, "model_mb": peak - meter.before}
+
+
+def timing_worker(case: str, methods: list[str], opts) -> dict:
+    """Seconds per step of every method of ``case`` in one process, interleaved over the repeats."""
+    run, _ = build_case(case, methods, opts)
+    for method in methods:
+        run(method, 1)  # warm-up: first load and allocation
+    rounds = {method: [] for method in methods}
+    for _ in range(opts.repeats):
+        for method in methods:
+            if method == FLOOR[1]:
+                rounds[method].append(run(method, 0))
+                continue
+            (short, short_cpu), (long, long_cpu) = run(method, 2), run(method, 2 + opts.steps)
+            per_step = (long - short) / opts.steps
+            rounds[method].append({"s_per_step": per_step, "cpu_s_per_step": (long_cpu - short_cpu) / opts.steps,
+                                   "s_per_run": short - 2 * per_step})
+    return {method: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for method, results in rounds.items()}
 
 
 def main() -> None:
@@ -191,46 +212,56 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--floor", action="store_true", help="also time two forwards of B against one of 2B")
     parser.add_argument("--only", choices=[*sorted(CASES), "floor"], help="run one case only, or only the floor")
-    parser.add_argument("--worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--timing-worker", nargs="+", metavar="CASE METHOD", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.worker:
-        print(json.dumps(worker(*opts.worker, opts)))
+    if opts.memory_worker:
+        print(json.dumps(memory_worker(*opts.memory_worker, opts)))
+        return
+    if opts.timing_worker:
+        print(json.dumps(timing_worker(opts.timing_worker[0], opts.timing_worker[1:], opts)))
         return
 
-    runs = [run for run in RUNS if opts.only in (None, run[0])] + ([FLOOR] if opts.floor or opts.only == "floor" else [])
-    results = {run: [] for run in runs}
-    forwarded = ["--size", opts.size, "--steps", str(opts.steps), "--batch", str(opts.batch),
-                 "--latent", str(opts.latent), "--threads", str(opts.threads)] + (["--dtype", opts.dtype] if opts.dtype else [])
-    for _ in range(opts.repeats):
-        for case, method in runs:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.bench_guidance", "--worker", case, method, *forwarded],
-                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(opts.threads)),
-                                 cwd=REPO_ROOT)
-            if out.returncode != 0:
-                sys.exit(f"worker {case} / {method} failed:\n{out.stderr[-3000:]}")
-            results[case, method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = [run for run in RUNS if opts.only in (None, run[0])]
+    forwarded = ["--size", opts.size, "--steps", str(opts.steps), "--batch", str(opts.batch), "--latent",
+                 str(opts.latent), "--threads", str(opts.threads), "--repeats", str(opts.repeats)]
+    forwarded += ["--dtype", opts.dtype] if opts.dtype else []
+
+    def worker(*args) -> dict:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_guidance", *args, *forwarded],
+                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(opts.threads)),
+                             cwd=REPO_ROOT)
+        if out.returncode != 0:
+            sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    figures = {run: worker("--memory-worker", *run) for run in runs}
+    timed = {case: [method for c, method in runs if c == case] for case in dict.fromkeys(c for c, _ in runs)}
+    if opts.floor or opts.only == "floor":
+        timed.setdefault(FLOOR[0], []).append(FLOOR[1])
+    for case, methods in timed.items():
+        for method, timing in worker("--timing-worker", case, *methods).items():
+            figures.setdefault((case, method), {}).update(timing)
 
     dtype = opts.dtype or SIZES[opts.size][1]
     print(f"size {opts.size} ({dtype}), batch {opts.batch} (CFG and FineXtract evaluate {2 * opts.batch} rows per step), "
-          f"latent {opts.latent}x{opts.latent}, {opts.steps} ddim steps, {opts.repeats} repeats (medians), "
+          f"latent {opts.latent}x{opts.latent}, {opts.steps} ddim steps, {opts.repeats} interleaved repeats (medians), "
           f"{opts.threads} torch thread(s) per worker, device {os.environ.get('FINEXTRACT_DEVICE', 'cpu')}")
     print(f"{'case':<11} {'method':<27} {'s/step':>8} {'CPU s/step':>10} {'s/run once':>10} {'peak MB':>9} "
           f"{'models+sampling MB':>19}")
-    medians = {run: {key: statistics.median(r[key] for r in results[run]) for key in results[run][0]}
-               for run in results}
-    for (case, method), m in medians.items():
+    for (case, method), m in figures.items():
         if (case, method) != FLOOR:
             print(f"{case:<11} {method:<27} {m['s_per_step']:>8.3f} {m['cpu_s_per_step']:>10.3f} {m['s_per_run']:>10.3f} "
                   f"{m['peak_mb']:>9.0f} {m['model_mb']:>19.0f}")
-    for (case, method), fx in medians.items():
+    for (case, method), fx in figures.items():
         if method == "cfg" or (case, method) == FLOOR:
             continue
-        cfg = medians[case, "cfg"]
+        cfg = figures[case, "cfg"]
         print(f"{case} {method} / CFG: time per step {fx['s_per_step'] / cfg['s_per_step']:.2f}x (CPU time "
               f"{fx['cpu_s_per_step'] / cfg['cpu_s_per_step']:.2f}x), peak {fx['peak_mb'] / cfg['peak_mb']:.2f}x, "
               f"models+sampling {fx['model_mb'] / cfg['model_mb']:.2f}x")
-    if FLOOR in medians:
-        m = medians[FLOOR]
+    if FLOOR in figures:
+        m = figures[FLOOR]
         print(f"UNet forwards: 2 of batch {opts.batch} {m['two_forwards']:.3f} s (CPU {m['two_forwards_cpu']:.3f}), "
               f"1 of batch {2 * opts.batch} {m['one_forward']:.3f} s (CPU {m['one_forward_cpu']:.3f}): "
               f"{m['two_forwards'] / m['one_forward']:.2f}x (CPU {m['two_forwards_cpu'] / m['one_forward_cpu']:.2f}x), "
