@@ -81,6 +81,7 @@ def overhead(candidates: int, steps: int, batch: int) -> None:
     for sub in ("checkpoints", "loras"):
         host.folder_paths.add_model_folder_path(sub, os.path.join(work, "models", sub))
     host.folder_paths.add_model_folder_path("sscd", os.path.join(work, "sscd"))
+    host.folder_paths.add_model_folder_path("finextract_banks", work)  # as extra_model_paths.yaml would allow it
     sscd_name = write_test_sscd(os.path.join(work, "sscd"))
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model, clip, vae = nodes["CheckpointLoaderSimple"]().load_checkpoint("base.safetensors")[:3]

@@ -24,6 +24,7 @@ from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_
 from ..finextract_core.embeddings import Embeddings
 from .embedding import NO_FILE, SSCD_FOLDER, load_sscd
 from .guider import build_guider
+from .paths import BANK_FOLDER, resolve_folder, validate_folder
 from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
 from .types import CANDIDATE_BANK, EMBEDDINGS, IMAGE_EMBEDDER, RUN_SETTINGS
 
@@ -46,13 +47,6 @@ class BankRows:
     bank: CandidateBank
     candidates: tuple[int, ...]
     embeddings: Embeddings
-
-
-def resolve_bank_folder(bank_folder: str) -> str:
-    if not bank_folder.strip():
-        raise ValueError("bank_folder is empty: name a folder for the candidate bank (relative paths go under "
-                         "ComfyUI's output folder)")
-    return os.path.join(folder_paths.get_output_directory(), os.path.expanduser(bank_folder.strip()))
 
 
 def model_identity(patcher) -> str:
@@ -90,9 +84,10 @@ class CandidateBankNode(io.ComfyNode):
                 io.Int.Input("batch_size", default=4, min=1, max=1024,
                              tooltip="Candidates per batch (as much as fits in GPU memory). Does not change the "
                              "candidates: candidate i always comes from the same noise."),
-                io.String.Input("bank_folder", default="finextract/bank",
-                                tooltip="Folder of this bank (relative paths go under ComfyUI's output folder). Use "
-                                "one folder per setting: a folder that holds a bank of other settings is refused."),
+                io.String.Input("bank_folder", default=BANK_FOLDER.example,
+                                tooltip="Folder of this bank, inside ComfyUI's output folder (a relative path goes "
+                                "under it; folders elsewhere only where the server's owner allowed them). Use one "
+                                "folder per setting: a folder that holds a bank of other settings is refused."),
                 IMAGE_EMBEDDER.Input("embedder", optional=True,
                                      tooltip="Optional: another image embedder for the candidates (such as the lab's "
                                      "descriptor for its 32 px world); sscd_model and preset are then not used."),
@@ -111,10 +106,14 @@ class CandidateBankNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, bank_folder) -> bool | str:
+        return validate_folder(BANK_FOLDER, bank_folder)
+
+    @classmethod
     def fingerprint_inputs(cls, bank_folder, **kwargs):
         # Run again when the folder changed (shards merged in or deleted), not only when an input did.
         try:
-            return os.stat(resolve_bank_folder(bank_folder)).st_mtime_ns
+            return os.stat(resolve_folder(BANK_FOLDER, bank_folder)).st_mtime_ns
         except (OSError, ValueError):
             return None
 
@@ -122,6 +121,7 @@ class CandidateBankNode(io.ComfyNode):
     def execute(cls, fine_tuned, pretrained, positive, negative, mode, guidance_scale, k, latent_image, seed, steps,
                 sampler_name, scheduler, vae, sscd_model, preset, num_candidates, first_candidate, batch_size,
                 bank_folder, embedder=None) -> io.NodeOutput:
+        folder = resolve_folder(BANK_FOLDER, bank_folder)  # first: a refused folder costs no model loading
         guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
         patcher = guider.model_patcher
         shape = tuple(comfy.sample.fix_empty_latent_channels(patcher, latent_image["samples"]).shape[1:])
@@ -144,7 +144,7 @@ class CandidateBankNode(io.ComfyNode):
             "pretrained": model_identity(pretrained), "positive": fingerprint(positive),
             "negative": fingerprint(negative), "vae": fingerprint(vae.first_stage_model.state_dict()), **identity,
         }
-        bank = CandidateBank.open(resolve_bank_folder(bank_folder), key)
+        bank = CandidateBank.open(folder, key)
         wanted = range(first_candidate, first_candidate + num_candidates)
         todo = bank.missing(wanted)
         LOG.info("finextract: bank %s holds %d of candidates %d-%d; generating %d", bank.folder,

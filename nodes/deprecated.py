@@ -22,8 +22,9 @@ from ..finextract_core.run_settings import RunSettings
 from .bank import decode_candidates
 from .clustering import CATEGORY as CLUSTERING_CATEGORY
 from .clustering import candidate_source_inputs, check_candidate_source, clustering_inputs, extracted_images
+from .paths import REPORT_FOLDER
 from .report import CATEGORY as REPORT_CATEGORY
-from .report import FOLDER_PREFIX_TOOLTIP, model_file_inputs, validate_model_files, write_audit_report
+from .report import FOLDER_PREFIX_TOOLTIP, model_file_inputs, validate_report_inputs, write_audit_report
 from .types import CANDIDATE_BANK, EMBEDDINGS
 
 
@@ -123,7 +124,7 @@ class AuditReport(io.ComfyNode):
                                 tooltip="Clique Cluster's 'clusters_json': method, threshold and cluster sizes."),
                 io.String.Input("run_settings", force_input=True,
                                 tooltip="The Model Guidance Sampler's run settings as JSON."),
-                io.String.Input("folder_prefix", default="finextract/report", tooltip=FOLDER_PREFIX_TOOLTIP),
+                io.String.Input("folder_prefix", default=REPORT_FOLDER.example, tooltip=FOLDER_PREFIX_TOOLTIP),
                 *model_file_inputs(),
                 io.Image.Input("references", optional=True,
                                tooltip="Optional reference images (Load Reference Images). Needs metrics_json."),
@@ -138,8 +139,8 @@ class AuditReport(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, pretrained_file, fine_tuned_file, lora_file) -> bool | str:
-        return validate_model_files(pretrained_file, fine_tuned_file, lora_file)
+    def validate_inputs(cls, folder_prefix, pretrained_file, fine_tuned_file, lora_file) -> bool | str:
+        return validate_report_inputs(folder_prefix, pretrained_file, fine_tuned_file, lora_file)
 
     @classmethod
     def execute(cls, extracted, extracted_embeddings, clusters_json, run_settings, folder_prefix, pretrained_file,

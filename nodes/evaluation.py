@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw
@@ -10,6 +12,7 @@ from ..finextract_core import metrics
 from ..finextract_core.images import from_pil, load_image_folder, to_pil
 from ..finextract_core.report import BAND_COLOURS, score_band
 from .embedding import require_images
+from .paths import REFERENCE_FOLDER, resolve_folder, validate_folder
 from .types import EMBEDDINGS, EXTRACTION_SCORES
 
 CATEGORY = "FineXtract/evaluation"
@@ -87,9 +90,13 @@ class LoadReferenceImages(io.ComfyNode):
             node_id="FineXtractLoadReferenceImages",
             display_name="Load Reference Images (FineXtract)",
             category=CATEGORY,
-            description="Every image in a folder, centre-cropped to a square, sorted by file name.",
+            description="Every image in a folder inside ComfyUI's input folder, centre-cropped to a square, sorted by "
+                        "file name.",
             inputs=[
-                io.String.Input("folder", default="", tooltip="Full path of a folder of reference images."),
+                io.String.Input("folder", default=REFERENCE_FOLDER.example,
+                                tooltip="A folder of reference images inside ComfyUI's input folder: my_references "
+                                "for input/my_references (folders elsewhere only where the server's owner allowed "
+                                "them)."),
                 io.Int.Input("size", default=512, min=16, max=4096, tooltip="Side of the square each image is "
                              "cropped and resized to (SSCD's paper preset then takes 224 px)."),
             ],
@@ -97,8 +104,17 @@ class LoadReferenceImages(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, folder) -> bool | str:
+        return validate_folder(REFERENCE_FOLDER, folder)
+
+    @classmethod
     def execute(cls, folder, size) -> io.NodeOutput:
-        images, names = load_image_folder(folder, size)
+        path = resolve_folder(REFERENCE_FOLDER, folder)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"reference folder '{folder}' does not exist ({path}): create it and put the "
+                                    "reference images in it (or upload them to that subfolder of ComfyUI's input "
+                                    "folder)")
+        images, names = load_image_folder(path, size)
         return io.NodeOutput(images, "\n".join(names))
 
 

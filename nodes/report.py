@@ -13,6 +13,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..finextract_core import report as report_core
+from .paths import REPORT_FOLDER, resolve_folder, validate_folder
 from .types import CLUSTERS, EXTRACTION_SCORES, RUN_SETTINGS
 
 CATEGORY = "FineXtract/evaluation"
@@ -65,13 +66,9 @@ def describe_model_file(role: str, name: str) -> dict:
 
 
 def report_folder(prefix: str) -> tuple[str, str]:
-    """(absolute folder, subfolder relative to the output directory); refuses prefixes that leave it."""
-    output = os.path.abspath(folder_paths.get_output_directory())
-    subfolder = os.path.normpath(prefix.strip().replace("\\", "/")).strip("/")
-    folder = os.path.abspath(os.path.join(output, subfolder))
-    if not subfolder or subfolder == "." or os.path.commonpath((folder, output)) != output or folder == output:
-        raise ValueError(f"folder_prefix '{prefix}' must name a subfolder inside ComfyUI's output directory")
-    return folder, subfolder.replace(os.sep, "/")
+    """(absolute folder, subfolder relative to the output directory, as ComfyUI's /view takes it)."""
+    folder = resolve_folder(REPORT_FOLDER, prefix)
+    return folder, os.path.relpath(folder, REPORT_FOLDER.comfy_root()).replace(os.sep, "/")
 
 
 def model_file_inputs() -> list:
@@ -89,17 +86,18 @@ def model_file_inputs() -> list:
     ]
 
 
-FOLDER_PREFIX_TOOLTIP = ("Subfolder of ComfyUI's output directory for this report; a second run with the same prefix "
-                         "replaces the report in it.")
+FOLDER_PREFIX_TOOLTIP = ("Subfolder of ComfyUI's output directory for this report (it cannot leave output: the graph "
+                         "shows the report from there); a second run with the same prefix replaces the report in it.")
 
 
-def validate_model_files(pretrained_file, fine_tuned_file, lora_file) -> bool | str:
-    """ComfyUI does not check V3 combo values itself: refuse a name no loader lists before anything runs."""
+def validate_report_inputs(folder_prefix, pretrained_file, fine_tuned_file, lora_file) -> bool | str:
+    """Refuse, before anything runs, a report folder outside output and a name no loader lists (ComfyUI 0.3.75 does
+    not check V3 combo values; current ComfyUI does, but in its own words, unless validate_inputs takes them)."""
     for role, name in (("pretrained", pretrained_file), ("fine_tuned", fine_tuned_file), ("lora", lora_file)):
         if name is not None and name not in model_file_options(role):  # None: the value comes from a link
             return (f"{role}_file '{name}' is not in models/{{{','.join(ROLE_FOLDERS[role])}}}: pick the file its "
                     f"loader shows from the list (press 'r' to refresh it), or {NO_FILE}")
-    return True
+    return validate_folder(REPORT_FOLDER, folder_prefix)
 
 
 def write_audit_report(extracted, settings, clusters, extracted_embeddings, folder_prefix, pretrained_file,
@@ -137,7 +135,7 @@ class AuditReportV2(io.ComfyNode):
                                "the embedder, all recorded in the report."),
                 RUN_SETTINGS.Input("run_settings", tooltip="The run settings of the Candidate Bank or Model Guidance "
                                    "Sampler that made the candidates: mode, w', k, seed, steps, sampler."),
-                io.String.Input("folder_prefix", default="finextract/report", tooltip=FOLDER_PREFIX_TOOLTIP),
+                io.String.Input("folder_prefix", default=REPORT_FOLDER.example, tooltip=FOLDER_PREFIX_TOOLTIP),
                 *model_file_inputs(),
                 io.Image.Input("references", optional=True,
                                tooltip="Optional reference images (Load Reference Images): the summary then shows "
@@ -153,8 +151,8 @@ class AuditReportV2(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, pretrained_file, fine_tuned_file, lora_file) -> bool | str:
-        return validate_model_files(pretrained_file, fine_tuned_file, lora_file)
+    def validate_inputs(cls, folder_prefix, pretrained_file, fine_tuned_file, lora_file) -> bool | str:
+        return validate_report_inputs(folder_prefix, pretrained_file, fine_tuned_file, lora_file)
 
     @classmethod
     def execute(cls, extracted, clusters, run_settings, folder_prefix, pretrained_file, fine_tuned_file, lora_file,

@@ -61,6 +61,8 @@ def world(host, tmp_path_factory):
     write_bad_files(models)
     for sub in ("checkpoints", "loras", "diffusion_models", "sscd"):
         host.folder_paths.add_model_folder_path(sub, os.path.join(models, sub))
+    # Outside ComfyUI's output folder: registered for banks as a server's owner would in extra_model_paths.yaml.
+    host.folder_paths.add_model_folder_path("finextract_banks", str(base))
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model, clip, vae = nodes["CheckpointLoaderSimple"]().load_checkpoint("base.safetensors")[:3]
     encode = nodes["CLIPTextEncode"]()
@@ -90,7 +92,14 @@ def test_model_pairs_that_cannot_be_guided_say_what_to_connect(world):
         sample(world, stray, model)
 
 
-def test_empty_inputs_are_refused_before_any_work(world, tmp_path):
+@pytest.fixture
+def references_folder(host, tmp_path, monkeypatch):
+    """tmp_path, outside ComfyUI's input folder: allowed for references as a server's owner would allow it."""
+    monkeypatch.setenv(host.module("nodes.paths").ALLOWED_FOLDERS_VARIABLE, str(tmp_path))
+    return tmp_path
+
+
+def test_empty_inputs_are_refused_before_any_work(world, references_folder):
     nodes, images = world["nodes"], world["images"]
     empty = images[:0]
     with pytest.raises(ValueError, match="'images' is an empty image batch.*connect at least one image"):
@@ -104,13 +113,13 @@ def test_empty_inputs_are_refused_before_any_work(world, tmp_path):
     with pytest.raises(ValueError, match="'candidates' is an empty image batch"):
         nodes["FineXtractExtractedImages"].execute(clusters, candidates=empty)
     with pytest.raises(ValueError, match="no images .* in .*: put the reference images there"):
-        nodes["FineXtractLoadReferenceImages"].execute(str(tmp_path), 64)
+        nodes["FineXtractLoadReferenceImages"].execute(str(references_folder), 64)
 
 
-def test_single_images_are_scored_and_clustered(world, tmp_path):
+def test_single_images_are_scored_and_clustered(world, references_folder):
     nodes, images = world["nodes"], world["images"]
-    Image.fromarray((images[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "only.png")
-    references, names = nodes["FineXtractLoadReferenceImages"].execute(str(tmp_path), 64).args
+    Image.fromarray((images[0].numpy() * 255).round().astype(np.uint8)).save(references_folder / "only.png")
+    references, names = nodes["FineXtractLoadReferenceImages"].execute(str(references_folder), 64).args
     assert references.shape == (1, 64, 64, 3) and names == "only.png"
     embed = nodes["FineXtractSSCDEmbed"]
     (reference,) = embed.execute(references, SSCD_NAME, "paper", 4).args
@@ -184,7 +193,7 @@ def test_truncated_files_are_reported_and_the_server_goes_on(server):
     message = execution_error(server.run(prompt))
     assert message is not None and message.startswith("LoraLoaderModelOnly:") and "header" in message, message
     # The pack's own SSCD loader names the file, what is wrong with it and where to get a good one.
-    folder = os.path.join(server.base, "banks", "truncated_sscd")
+    folder = os.path.join(server.base, "output", "banks", "truncated_sscd")
     message = execution_error(server.run(bank_prompt(folder, 2, 2, 2, sscd_model=TRUNCATED_SSCD)))
     assert message is not None and message.startswith("FineXtractCandidateBank:"), message
     assert TRUNCATED_SSCD in message and "incomplete" in message and "dl.fbaipublicfiles.com" in message, message

@@ -33,6 +33,8 @@ def setup(host, tmp_path_factory):
     for sub in ("checkpoints", "loras"):
         host.folder_paths.add_model_folder_path(sub, str(base / "models" / sub))
     host.folder_paths.add_model_folder_path("sscd", str(base / "sscd"))
+    # Outside ComfyUI's output folder: registered for banks as a server's owner would in extra_model_paths.yaml.
+    host.folder_paths.add_model_folder_path("finextract_banks", str(base / "banks"))
     write_test_sscd(str(base / "sscd"))
     nodes = host.nodes.NODE_CLASS_MAPPINGS
     model, clip, vae = nodes["CheckpointLoaderSimple"]().load_checkpoint("base.safetensors")[:3]

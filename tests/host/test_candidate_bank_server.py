@@ -33,7 +33,7 @@ def server(base):
 
 @pytest.fixture(scope="module")
 def reference(server):
-    folder = os.path.join(server.base, "banks", "reference")
+    folder = os.path.join(server.base, "output", "banks", "reference")
     entry = server.run(bank_prompt(folder, COUNT, BATCH, STEPS))
     assert execution_error(entry) is None, execution_error(entry)
     return folder
@@ -60,7 +60,7 @@ def test_bank_nodes_are_served_with_tooltips(server):
 
 
 def test_interrupted_run_resumes_to_the_same_bank(server, reference):
-    folder = os.path.join(server.base, "banks", "interrupted")
+    folder = os.path.join(server.base, "output", "banks", "interrupted")
     prompt_id = server.queue(bank_prompt(folder, COUNT, BATCH, STEPS))
     wait_for_first_shard(server, folder, prompt_id)
     server.post("/interrupt", {})
@@ -74,7 +74,7 @@ def test_interrupted_run_resumes_to_the_same_bank(server, reference):
 
 
 def test_killed_server_resumes_to_the_same_bank(server, base, reference):
-    folder = os.path.join(base, "banks", "killed")
+    folder = os.path.join(base, "output", "banks", "killed")
     with ComfyServer(base, log_path=os.path.join(base, "killed.log")) as doomed:
         prompt_id = doomed.queue(bank_prompt(folder, COUNT, BATCH, STEPS))
         wait_for_first_shard(doomed, folder, prompt_id)
@@ -87,7 +87,7 @@ def test_killed_server_resumes_to_the_same_bank(server, base, reference):
 
 
 def test_unwritable_bank_folder_is_a_clear_error_and_the_server_goes_on(server, base, reference):
-    blocker = os.path.join(base, "not_a_folder")
+    blocker = os.path.join(base, "output", "not_a_folder")
     with open(blocker, "w") as handle:
         handle.write("a file where the bank's parent folder should be")
     entry = server.run(bank_prompt(os.path.join(blocker, "bank"), COUNT, BATCH, STEPS))

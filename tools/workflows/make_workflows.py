@@ -211,7 +211,7 @@ def with_references(kind: str) -> list[dict]:
                            reference_names="references.file_names")
     return nodes + [
         node("references", "FineXtractLoadReferenceImages", "My reference images",
-             {"folder": "/full/path/to/my/images", "size": 512}),
+             {"size": 512}),
         node("reference_embed", "FineXtractSSCDEmbed", "SSCD embed: my images",
              {"sscd_model": core("sscd").PAPER_MODEL_FILE}, images="references.images"),
         node("metrics", "FineXtractExtractionMetrics", "Extraction metrics",
@@ -280,7 +280,8 @@ far faster on a GPU. Same seed, same caption.""",
         },
         "finextract_audit_my_images": {
             "notes": [f"""AUDIT A LORA AGAINST MY OWN IMAGES
-My reference images: the full path of a folder with your images (png, jpg, webp); each is centre-cropped square.
+My reference images: a folder of your images (png, jpg, webp) inside ComfyUI's input folder, my_references for
+input/my_references (upload them there, or ask the server's owner to allow another folder); each is centre-cropped.
 The LoRA attack runs as in 'finextract_lora'; Extraction Metrics then finds, for each of your images, the closest
 extracted image. AS = mean of those best SSCD similarities; A-ESR = share of your images whose best similarity
 exceeds {loose} (loose) or {strict} (strict), the paper's thresholds. The report puts each of your images beside its
