@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from ..finextract_core import sscd
 from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, candidate_seed, fingerprint
 from ..finextract_core.embeddings import Embeddings
-from .embedding import NO_FILE, SSCD_FOLDER, load_sscd
+from .embedding import NO_FILE, SSCD_FOLDER, load_sscd, missing_file_message, validate_model_file
 from .guider import build_guider
 from .paths import BANK_FOLDER, resolve_folder, validate_folder
 from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
@@ -106,8 +106,9 @@ class CandidateBankNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, bank_folder) -> bool | str:
-        return validate_folder(BANK_FOLDER, bank_folder)
+    def validate_inputs(cls, sscd_model, bank_folder) -> bool | str:
+        checked = validate_model_file(SSCD_FOLDER, sscd_model, missing_file_message)
+        return validate_folder(BANK_FOLDER, bank_folder) if checked is True else checked
 
     @classmethod
     def fingerprint_inputs(cls, bank_folder, **kwargs):

@@ -33,6 +33,21 @@ def missing_file_message(name: str) -> str:
             "refresh the list.")
 
 
+def missing_clip_message(name: str) -> str:
+    folders = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))
+    return f"CLIP weights '{name}' not found: put open_clip weights in {folders} and press 'r' to refresh the list."
+
+
+def validate_model_file(folder: str, name: str | None, message) -> bool | str:
+    """For a node's validate_inputs: True, or ``message(name)`` for a name the folder's list does not show. Taking the
+    input in validate_inputs keeps ComfyUI's own "Value not in list" (current versions check combo values, 0.3.75
+    does not) from replacing the advice on where the file goes. None (a value from a link) is checked when the node
+    runs."""
+    if name is None or name in folder_paths.get_filename_list(folder):
+        return True
+    return message(name)
+
+
 def require_images(images, input_name: str) -> None:
     """Refuse an IMAGE input that holds no image, before any model is loaded."""
     if images.shape[0] == 0:
@@ -106,6 +121,10 @@ class SSCDEmbed(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sscd_model) -> bool | str:
+        return validate_model_file(SSCD_FOLDER, sscd_model, missing_file_message)
+
+    @classmethod
     def execute(cls, images, sscd_model, preset, batch_size) -> io.NodeOutput:
         require_images(images, "images")
         model = load_sscd(sscd_model)
@@ -138,13 +157,15 @@ class OpenCLIPEmbed(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, clip_weights) -> bool | str:
+        return validate_model_file(CLIP_FOLDER, clip_weights, missing_clip_message)
+
+    @classmethod
     def execute(cls, images, clip_weights, architecture, quick_gelu, batch_size) -> io.NodeOutput:
         require_images(images, "images")
         path = folder_paths.get_full_path(CLIP_FOLDER, clip_weights) if clip_weights != NO_CLIP_FILE else None
         if path is None:
-            folders = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))
-            raise FileNotFoundError(f"CLIP weights '{clip_weights}' not found: put open_clip weights in {folders} "
-                                    "and press 'r' to refresh the list.")
+            raise FileNotFoundError(missing_clip_message(clip_weights))
         model = _clip_models.get(path, architecture, quick_gelu)
         return io.NodeOutput(_embed_on_device(
             model, lambda device: clip_embed.embed_images_clip(model, images, batch_size=batch_size, device=device)))

@@ -150,7 +150,7 @@ def test_the_nodes_refuse_before_they_read_or_write(host, paths, folders, tmp_pa
     for value in (str(target), "../" * 12 + str(target).lstrip("/")):
         with pytest.raises(paths.FolderRefused, match="bank_folder .* is outside ComfyUI's output folder"):
             bank.execute(*[None] * 18, value)
-        message = bank.validate_inputs(bank_folder=value)
+        message = bank.validate_inputs(sscd_model=None, bank_folder=value)
         assert isinstance(message, str) and message.startswith("bank_folder"), message
     assert not target.exists()
 
