@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from ..finextract_core import sscd
 from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, candidate_seed, fingerprint
 from ..finextract_core.embeddings import Embeddings
-from .embedding import NO_FILE, SSCD_FOLDER, load_sscd, missing_file_message, validate_model_file
+from .embedding import NO_FILE, SSCD_FOLDER, embed_managed, load_sscd, missing_file_message, validate_model_file
 from .guider import build_guider
 from .paths import BANK_FOLDER, resolve_folder, validate_folder
 from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
@@ -107,7 +107,8 @@ class CandidateBankNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sscd_model, bank_folder) -> bool | str:
-        checked = validate_model_file(SSCD_FOLDER, sscd_model, missing_file_message)
+        # "No SSCD file" passes: a connected embedder (a link, unknown here) needs none; without one the run says so.
+        checked = True if sscd_model == NO_FILE else validate_model_file(SSCD_FOLDER, sscd_model, missing_file_message)
         return validate_folder(BANK_FOLDER, bank_folder) if checked is True else checked
 
     @classmethod
@@ -126,14 +127,14 @@ class CandidateBankNode(io.ComfyNode):
         guider = build_guider(fine_tuned, pretrained, positive, negative, mode, guidance_scale, k)
         patcher = guider.model_patcher
         shape = tuple(comfy.sample.fix_empty_latent_channels(patcher, latent_image["samples"]).shape[1:])
-        device = comfy.model_management.get_torch_device()
-        sscd_network = load_sscd(sscd_model) if embedder is None else None
-        if sscd_network is not None:
-            identity = {"embedder": sscd_network.model_id, "embedder_weights": fingerprint(sscd_network.state_dict()),
-                        "preset": preset}
+        if embedder is None:
+            sscd_patcher = load_sscd(sscd_model)
+            identity = {"embedder": sscd_patcher.model.model_id,
+                        "embedder_weights": fingerprint(sscd_patcher.model.state_dict()), "preset": preset}
 
             def embed(images):
-                return sscd.embed_images(sscd_network, images, preset, batch_size=len(images), device=device)
+                return embed_managed(sscd_patcher, lambda model, device: sscd.embed_images(
+                    model, images, preset, batch_size=len(images), device=device))
         else:
             identity = {"embedder": embedder.model_id, "embedder_weights": embedder.identity, "preset": embedder.preset}
             embed = embedder.embed
@@ -150,22 +151,19 @@ class CandidateBankNode(io.ComfyNode):
         todo = bank.missing(wanted)
         LOG.info("finextract: bank %s holds %d of candidates %d-%d; generating %d", bank.folder,
                  num_candidates - len(todo), wanted.start, wanted.stop - 1, len(todo))
-        try:
-            for start in range(0, len(todo), batch_size):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                indices = todo[start:start + batch_size]
-                latent = {"samples": torch.zeros((len(indices), *shape))}
-                samples = sample_with_guider(
-                    guider, latent, seed, steps, sampler_name, scheduler, 1.0,
-                    noise=candidate_noise(seed, indices, shape),
-                    step_noise=candidate_step_noise(sampler_name, seed, indices, shape, patcher))["samples"]
-                images = comfy_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
-                bank.write(indices, samples, embed(images))
-                done = num_candidates - len(todo) + min(start + batch_size, len(todo))
-                LOG.info("finextract: %d of %d candidates in the bank", done, num_candidates)
-        finally:
-            if sscd_network is not None:
-                sscd_network.to(comfy.model_management.unet_offload_device())
+        for start in range(0, len(todo), batch_size):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            indices = todo[start:start + batch_size]
+            latent = {"samples": torch.zeros((len(indices), *shape))}
+            # Sampling loads the UNets through model management, which offloads the embedder if they need the room.
+            samples = sample_with_guider(
+                guider, latent, seed, steps, sampler_name, scheduler, 1.0,
+                noise=candidate_noise(seed, indices, shape),
+                step_noise=candidate_step_noise(sampler_name, seed, indices, shape, patcher))["samples"]
+            images = comfy_nodes.VAEDecode().decode(vae, {"samples": samples})[0]
+            bank.write(indices, samples, embed(images))
+            done = num_candidates - len(todo) + min(start + batch_size, len(todo))
+            LOG.info("finextract: %d of %d candidates in the bank", done, num_candidates)
         embeddings = bank.embeddings(wanted)
         return io.NodeOutput(embeddings, BankRows(bank, tuple(wanted), embeddings), settings.to_json(), settings)
 

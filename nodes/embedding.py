@@ -1,11 +1,13 @@
 """Image batches -> EMBEDDINGS: SSCD (the paper's copy detector) from models/sscd/, or a CLIP image tower through
-open-clip-torch from models/open_clip/, for users who prefer CLIP similarity."""
+open-clip-torch from models/open_clip/, for users who prefer CLIP similarity. Both embedders are loaded onto the
+device by ComfyUI's model management, like any other model."""
 
 from __future__ import annotations
 
 import os
 
 import comfy.model_management
+import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
@@ -61,20 +63,25 @@ register_model_folder(CLIP_FOLDER)
 
 class _LastModel:
     """Keeps the last model loaded, keyed by file identity and settings, so re-running a workflow does not reload
-    100-200 MB each time."""
+    100-200 MB each time. The model is held in a ComfyUI ModelPatcher: model management loads it onto the device for
+    an embedding, counts its memory, and offloads it when another model (the UNets) needs the room, as it does for
+    any model; a replaced patcher leaves model management with its last reference."""
 
     def __init__(self, load):
         self.load = load
         self.key = None
-        self.model = None
+        self.patcher = None
 
-    def get(self, path: str, *settings):
+    def get(self, path: str, *settings) -> comfy.model_patcher.ModelPatcher:
         stat = os.stat(path)
         key = (path, stat.st_size, stat.st_mtime_ns, *settings)
         if self.key != key:
-            self.model = self.load(path, *settings)
+            self.patcher = None  # the old model's memory is free before the new one loads
+            self.patcher = comfy.model_patcher.ModelPatcher(
+                self.load(path, *settings), load_device=comfy.model_management.get_torch_device(),
+                offload_device=comfy.model_management.unet_offload_device())
             self.key = key
-        return self.model
+        return self.patcher
 
 
 _sscd_models = _LastModel(lambda path: sscd.load_sscd_model(path, device="cpu"))
@@ -82,20 +89,21 @@ _clip_models = _LastModel(lambda path, architecture, quick_gelu: clip_embed.load
     architecture, path, quick_gelu=quick_gelu, device="cpu"))
 
 
-def load_sscd(sscd_model: str) -> sscd.SSCDModel:
-    """The SSCD model of a file name from the models/sscd list (cached), or a message saying where to put one."""
+def load_sscd(sscd_model: str) -> comfy.model_patcher.ModelPatcher:
+    """The patcher of the SSCD model (``.model``) of a file name from the models/sscd list (cached), or a message
+    saying where to put one."""
     path = folder_paths.get_full_path(SSCD_FOLDER, sscd_model) if sscd_model != NO_FILE else None
     if path is None:
         raise FileNotFoundError(missing_file_message(sscd_model))
     return _sscd_models.get(path)
 
 
-def _embed_on_device(model, embed):
-    """Runs ``embed(device)`` on ComfyUI's device, and gives the memory back afterwards."""
-    try:
-        return embed(comfy.model_management.get_torch_device())
-    finally:
-        model.to(comfy.model_management.unet_offload_device())
+def embed_managed(patcher: comfy.model_patcher.ModelPatcher, embed):
+    """Runs ``embed(model, device)`` once model management has loaded the embedder onto its device (freeing memory
+    for it first if needed); it stays loaded until another model needs the room. Loaded whole: embedders are small,
+    and the core's embedding puts the whole model on one device, which would undo a partial load."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return embed(patcher.model, patcher.load_device)
 
 
 class SSCDEmbed(io.ComfyNode):
@@ -127,9 +135,8 @@ class SSCDEmbed(io.ComfyNode):
     @classmethod
     def execute(cls, images, sscd_model, preset, batch_size) -> io.NodeOutput:
         require_images(images, "images")
-        model = load_sscd(sscd_model)
-        return io.NodeOutput(_embed_on_device(
-            model, lambda device: sscd.embed_images(model, images, preset, batch_size=batch_size, device=device)))
+        return io.NodeOutput(embed_managed(load_sscd(sscd_model), lambda model, device: sscd.embed_images(
+            model, images, preset, batch_size=batch_size, device=device)))
 
 
 class OpenCLIPEmbed(io.ComfyNode):
@@ -166,9 +173,8 @@ class OpenCLIPEmbed(io.ComfyNode):
         path = folder_paths.get_full_path(CLIP_FOLDER, clip_weights) if clip_weights != NO_CLIP_FILE else None
         if path is None:
             raise FileNotFoundError(missing_clip_message(clip_weights))
-        model = _clip_models.get(path, architecture, quick_gelu)
-        return io.NodeOutput(_embed_on_device(
-            model, lambda device: clip_embed.embed_images_clip(model, images, batch_size=batch_size, device=device)))
+        return io.NodeOutput(embed_managed(_clip_models.get(path, architecture, quick_gelu), lambda model, device: (
+            clip_embed.embed_images_clip(model, images, batch_size=batch_size, device=device))))
 
 
 NODES = [SSCDEmbed, OpenCLIPEmbed]

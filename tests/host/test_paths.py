@@ -91,6 +91,8 @@ def test_the_owners_opt_ins_allow_other_folders(host, paths, folders, tmp_path, 
     allowed, registered, other = tmp_path / "allowed", tmp_path / "registered", tmp_path / "other"
     for folder in (allowed, registered, other):
         folder.mkdir()
+    for key in ("finextract_banks", "finextract_references"):  # none registered yet (other tests' are kept aside)
+        monkeypatch.setitem(host.folder_paths.folder_names_and_paths, key, ([], set()))
     variable = paths.ALLOWED_FOLDERS_VARIABLE
     # The environment variable: absolute folders, os.pathsep-separated; a relative entry is ignored.
     monkeypatch.setenv(variable, os.pathsep.join(["relative/ignored", str(allowed), ""]))

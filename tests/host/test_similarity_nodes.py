@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixtures.stand_in_models import centred_random_sscd
+from fixtures.stand_in_models import TINY_CLIP_ARCHITECTURE, centred_random_sscd, write_tiny_open_clip
 
 N0, COPIES, SIZE = 2, 10, 64
 
@@ -124,27 +124,16 @@ def test_similarity_nodes_refuse_bad_input_with_advice(host, sscd_file):
 
 
 def test_clip_embed_node_reads_local_weights_and_never_mixes_with_sscd(host, sscd_file, tmp_path):
-    import open_clip
-
-    config = {"embed_dim": 32,
-              "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-              "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "finextract-node-vit.json").write_text(json.dumps(config))
-    open_clip.add_model_config(str(tmp_path / "finextract-node-vit.json"))
-    torch.manual_seed(1)
-    weights = open_clip.create_model("finextract-node-vit", pretrained=None).state_dict()
-    folder = tmp_path / "open_clip"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "tiny.safetensors"))
-    host.folder_paths.add_model_folder_path("open_clip", str(folder))
+    write_tiny_open_clip(str(tmp_path / "open_clip"))
+    host.folder_paths.add_model_folder_path("open_clip", str(tmp_path / "open_clip"))
 
     clip_embed, sscd_embed, metrics = node_classes(host, "FineXtractOpenCLIPEmbed", "FineXtractSSCDEmbed",
                                                    "FineXtractExtractionMetrics")
     prototypes, candidates, _ = planted_candidates()
-    (clip_vectors,) = run(clip_embed, candidates, "tiny.safetensors", "finextract-node-vit", False, 8)
+    (clip_vectors,) = run(clip_embed, candidates, "tiny.safetensors", TINY_CLIP_ARCHITECTURE, False, 8)
     assert clip_vectors.vectors.shape == (N0 * COPIES, 32)
-    assert clip_vectors.model_id.startswith("open_clip:finextract-node-vit:")
-    (again,) = run(clip_embed, candidates, "tiny.safetensors", "finextract-node-vit", False, 3)
+    assert clip_vectors.model_id.startswith(f"open_clip:{TINY_CLIP_ARCHITECTURE}:")
+    (again,) = run(clip_embed, candidates, "tiny.safetensors", TINY_CLIP_ARCHITECTURE, False, 3)
     # Another batch size changes only float rounding (well below the clustering's 1e-5 quantisation).
     assert np.abs(again.vectors - clip_vectors.vectors).max() < 1e-6
     (sscd_vectors,) = run(sscd_embed, prototypes, sscd_file, "paper", 8)
