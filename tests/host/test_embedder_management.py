@@ -18,13 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixtures.bank_helpers import SSCD_NAME, write_test_sscd
-from fixtures.stand_in_models import TINY_CLIP_ARCHITECTURE, write_stand_in_models, write_tiny_open_clip
+from fixtures.stand_in_models import TINY_CLIP_ARCHITECTURE, centred_random_sscd, write_stand_in_models, write_tiny_open_clip
 from tools.host.comfy_inprocess import host_module
 
 sscd_core = host_module("finextract_core.sscd")
 clip_core = host_module("finextract_core.clip_embed")
 embedding_nodes = host_module("nodes.embedding")
+# A name no other test's SSCD folder holds: the node must find this test's file, whichever folders are registered.
+SSCD_NAME = "managed_sscd.safetensors"
 
 
 def model_management():
@@ -50,9 +51,14 @@ def unload_everything() -> None:
 @pytest.fixture(scope="module")
 def folders(host, tmp_path_factory):
     base = tmp_path_factory.mktemp("embedders")
-    write_test_sscd(str(base / "sscd"))
+    write_sscd(base / "sscd")
     host.folder_paths.add_model_folder_path("sscd", str(base / "sscd"))
     return base
+
+
+def write_sscd(folder) -> None:
+    folder.mkdir(exist_ok=True)
+    save_file(centred_random_sscd(), str(folder / SSCD_NAME))
 
 
 def file_bytes(path: str) -> int:
@@ -68,6 +74,7 @@ def test_sscd_embed_is_loaded_counted_and_unloaded_by_model_management(host, fol
     assert patcher.load_device == model_management().get_torch_device()
     assert patcher.offload_device == model_management().unet_offload_device()
     path = str(folders / "sscd" / SSCD_NAME)
+    assert host.folder_paths.get_full_path("sscd", SSCD_NAME) == path
     # Model management counts the weights (and buffers) the file holds, nothing else.
     assert patcher.model_size() == file_bytes(path)
 
@@ -104,7 +111,7 @@ def test_a_replaced_embedder_leaves_model_management(host, folders):
         assert [loaded for loaded in model_management().loaded_models()
                 if isinstance(loaded.model, sscd_core.SSCDModel)] == [new]
     finally:
-        write_test_sscd(str(folders / "sscd"))
+        write_sscd(folders / "sscd")
 
 
 def test_clip_embed_is_loaded_through_model_management(host, tmp_path):
