@@ -25,6 +25,7 @@ from ..finextract_core.embeddings import Embeddings
 from .embedding import NO_FILE, SSCD_FOLDER, embed_managed, load_sscd, missing_file_message, validate_model_file
 from .guider import build_guider
 from .paths import BANK_FOLDER, resolve_folder, validate_folder
+from .report import NO_FILE as NO_MODEL_FILE
 from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
 from .types import CANDIDATE_BANK, EMBEDDINGS, IMAGE_EMBEDDER, RUN_SETTINGS
 
@@ -107,8 +108,10 @@ class CandidateBankNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sscd_model, bank_folder) -> bool | str:
-        # "No SSCD file" passes: a connected embedder (a link, unknown here) needs none; without one the run says so.
-        checked = True if sscd_model == NO_FILE else validate_model_file(SSCD_FOLDER, sscd_model, missing_file_message)
+        # "No file" passes (the list's own, or the audit's "(none)"): a connected embedder (a link, unknown here) needs
+        # none; without one the run says so.
+        checked = (True if sscd_model in (NO_FILE, NO_MODEL_FILE)
+                   else validate_model_file(SSCD_FOLDER, sscd_model, missing_file_message))
         return validate_folder(BANK_FOLDER, bank_folder) if checked is True else checked
 
     @classmethod
