@@ -9,11 +9,11 @@ Run on another tree with FINEXTRACT_COMFYUI / FINEXTRACT_PYTHON (docs/compatibil
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
+from fixtures.bank_helpers import validation_errors
 from fixtures.stand_in_models import stand_in_prompt, write_workflow_stand_ins
 from tools.host.comfy_server import REPO_ROOT, ComfyServer, execution_error
 
@@ -53,14 +53,6 @@ def clip_embed_prompt(object_info, clip_weights: str) -> dict:
     return prompt
 
 
-def refusal(server, prompt: dict) -> list[dict]:
-    """The errors of the prompt's refusal (ComfyUI answers 400 and queues nothing)."""
-    with pytest.raises(RuntimeError, match="answered 400") as refused:
-        server.queue(prompt)
-    body = json.loads(str(refused.value).split(": ", 1)[1])
-    return [error for node in body["node_errors"].values() for error in node["errors"]]
-
-
 CASES = {
     "SSCD Embed": ("finextract_dreambooth_one_batch", "FineXtractSSCDEmbed", "sscd_model",
                    "SSCD weights '{name}' not found. Put an SSCD file in", None),
@@ -79,7 +71,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_file_the_list_does_not_show_is_refused_in_the_packs_words(server, object_info, case, name):
     workflow, class_type, input_name, words, folder = CASES[case]
-    errors = refusal(server, prompt_with(object_info, workflow, class_type, {input_name: name}, folder))
+    errors = validation_errors(server, prompt_with(object_info, workflow, class_type, {input_name: name}, folder))
     assert any(error["type"] == "custom_validation_failed" and words.format(name=name) in error["details"]
                for error in errors), errors
     assert not [error for error in errors if error["type"] == "value_not_in_list"], \
@@ -88,7 +80,7 @@ def test_a_file_the_list_does_not_show_is_refused_in_the_packs_words(server, obj
 
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_clip_embed_names_where_its_weights_go(server, object_info, name):
-    errors = refusal(server, clip_embed_prompt(object_info, name))
+    errors = validation_errors(server, clip_embed_prompt(object_info, name))
     assert any(error["type"] == "custom_validation_failed"
                and f"CLIP weights '{name}' not found: put open_clip weights in" in error["details"]
                and "models/open_clip" in error["details"] for error in errors), errors
@@ -100,7 +92,7 @@ def test_clip_embed_names_where_its_weights_go(server, object_info, name):
                                                         ("model_file", "lora_file", "checkpoints,diffusion_models")])
 def test_model_evidence_names_the_loaders_list(server, input_name, other, folders, name):
     prompt = {"1": {"class_type": "FineXtractModelEvidence", "inputs": {input_name: name, other: "(none)"}}}
-    errors = refusal(server, prompt)
+    errors = validation_errors(server, prompt)
     assert any(error["type"] == "custom_validation_failed"
                and f"{input_name} '{name}' is not in models/{{{folders}}}: pick a file from the list" in error["details"]
                for error in errors), errors

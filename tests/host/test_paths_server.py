@@ -7,14 +7,13 @@ FINEXTRACT_ALLOWED_FOLDERS variable, and a folder registered in extra_model_path
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures.bank_helpers import BANK_ID, bank_prompt, shard_count, write_test_sscd
+from fixtures.bank_helpers import BANK_ID, bank_prompt, shard_count, validation_errors, write_test_sscd
 from fixtures.stand_in_models import write_stand_in_models
 from tools.host.comfy_server import EXTRA_PATHS, ComfyServer, execution_error
 
@@ -73,14 +72,6 @@ def references_prompt(folder) -> dict:
 
 def string_node(value: str) -> dict:
     return {"class_type": "PrimitiveString", "inputs": {"value": value}}
-
-
-def validation_errors(server: ComfyServer, prompt: dict) -> list[dict]:
-    """The errors ComfyUI answers a prompt it refuses to queue with."""
-    with pytest.raises(RuntimeError, match="answered 400") as refused:
-        server.queue(prompt)
-    body = json.loads(str(refused.value).split(": ", 1)[1])
-    return [error for node in body["node_errors"].values() for error in node["errors"]]
 
 
 def previews(entry: dict) -> list[dict]:
