@@ -118,7 +118,7 @@ class Server:
         if not comfy_root:
             raise AuditError("this pack is not inside a ComfyUI's custom_nodes: give --comfyui DIR (the folder "
                              "with ComfyUI's main.py), or --server URL")
-        config = write_server_config(out, comfy_root, builder, roots, opts.bases)
+        config = write_server_config(out, comfy_root, builder, roots, opts.bases, opts.references)
         self.state_file = os.path.join(out, "server.json")
         comfy_client.stop_recorded_server(self.state_file)
         arguments = ["--output-directory", out, "--extra-model-paths-config", config,
@@ -179,9 +179,10 @@ class Server:
             self.process.stop()
 
 
-def write_server_config(out: str, comfy_root: str, builder, roots: list[str], bases: str) -> str:
+def write_server_config(out: str, comfy_root: str, builder, roots: list[str], bases: str, references: str) -> str:
     """extra_model_paths.yaml for the server the audit starts: the models and bases folders in ComfyUI's model
-    lists, and the pack (when it is not in that ComfyUI's custom_nodes) and the builder's node folders loaded after
+    lists, the references folder registered for Load Reference Images (the pack reads folders outside ComfyUI's
+    input only where the server's owner, here the audit, registered them: docs/security.md), and the pack (when it is not in that ComfyUI's custom_nodes) and the builder's node folders loaded after
     ComfyUI's own."""
     server = os.path.join(out, "server")
     node_folders = []
@@ -198,7 +199,8 @@ def write_server_config(out: str, comfy_root: str, builder, roots: list[str], ba
     folders = {"custom_nodes": sorted({os.path.join(server, parent) for parent, _, _ in node_folders},
                                       key=lambda p: p.endswith("nodes_after_pack")),
                "loras": roots, "checkpoints": [os.path.abspath(bases), *roots],
-               "diffusion_models": [os.path.abspath(bases), *roots]}
+               "diffusion_models": [os.path.abspath(bases), *roots],
+               "finextract_references": [os.path.abspath(references)]}
     lines = ["finextract_audit:", f"  base_path: {json.dumps(server)}"]
     for kind, paths in folders.items():
         if paths:
