@@ -51,7 +51,8 @@ PYEOF
   fi
 fi
 
-# The pack's requirements, and what the tests and the lint add (pytest, ruff, networkx, open-clip-torch).
+# The pack's requirements, and what the tests, the lab and the lint add (pytest, ruff, networkx, open-clip-torch,
+# scikit-image), into any host's venv: the one bootstrap builds and a venv of your own ComfyUI alike.
 "$PY" -m pip install -q -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
 
 # Headless Chromium for the front-end test (Debian's packages); without it that one test is skipped.
