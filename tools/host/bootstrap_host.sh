@@ -5,7 +5,9 @@
 #   .host/base        ComfyUI --base-directory: custom_nodes/finextract -> this checkout, models/, output/, user/
 # and writes .host/host.env, which the tests and the demo read.
 # Already have ComfyUI? Set FINEXTRACT_COMFYUI=/path/to/ComfyUI (and FINEXTRACT_PYTHON=/path/to/its/python) and only
-# the base directory and the pack's own requirements are set up.
+# the base directory, the pack's and the tests' requirements are set up, then checked once: that Python imports the
+# tree and ComfyUI's loader loads the pack (or the check says which module is missing). FINEXTRACT_HOST_DIR puts all
+# of it (host.env, base/) in a host dir of its own, so one checkout can test several ComfyUI trees.
 # Idempotent: each step is skipped when its result is already there.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -75,4 +77,10 @@ FINEXTRACT_COMFYUI=$COMFY
 FINEXTRACT_PYTHON=$PY
 FINEXTRACT_BASE=$BASE
 ENVEOF
+# Your own ComfyUI: check once per tree and Python that the Python imports the tree and ComfyUI loads the pack, and
+# say what is missing if not (current trees import torchaudio with comfy.sd, for one).
+if [ -n "${FINEXTRACT_COMFYUI:-}" ] && [ "$(cat "$HOST/.checked" 2>/dev/null)" != "$COMFY $PY" ]; then
+  (cd "$ROOT" && FINEXTRACT_HOST_DIR="$HOST" "$PY" -m tools.host.comfy_inprocess) || exit 3
+  echo "$COMFY $PY" > "$HOST/.checked"
+fi
 say "host ready: ComfyUI $COMFY, python $PY, base directory $BASE"

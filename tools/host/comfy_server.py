@@ -10,6 +10,7 @@ scans after the first, so the lab's nodes always find the pack already loaded.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from types import ModuleType
@@ -32,6 +33,22 @@ def read_host_env() -> dict[str, str]:
         if os.environ.get(key):
             settings[key] = os.environ[key]
     return settings
+
+
+def missing_module_advice(comfy_root: str, python: str, module: str) -> str:
+    """What to do when the ComfyUI tree at comfy_root imports ``module`` and the Python it runs under lacks it."""
+    advice = (f"the ComfyUI at {comfy_root} imports {module!r}, which {python} does not have: install that tree's "
+              f"requirements into it ({python} -m pip install -r {os.path.join(comfy_root, 'requirements.txt')})")
+    if module == "torchaudio":  # imported with comfy.sd in current trees; PyPI may have none built for your torch
+        advice += ("; where pip finds no torchaudio built for your torch, an older one may import beside it: "
+                   "`pip install --no-deps torchaudio==2.11.1` runs beside torch 2.14.1")
+    return advice
+
+
+def missing_module_in_log(log: str) -> str | None:
+    """The module a failed start-up could not import, from the traceback in ComfyUI's log."""
+    found = re.findall(r"ModuleNotFoundError: No module named '([\w.]+)'", log)
+    return found[-1].split(".")[0] if found else None
 
 
 def _link(target: str, link: str) -> None:
@@ -102,7 +119,16 @@ class ComfyServer:
         return self.client.client_id
 
     def __enter__(self) -> "ComfyServer":
-        self.client = self.launcher.start()
+        try:
+            self.client = self.launcher.start()
+        except RuntimeError as error:
+            with open(self.log_path) as f:
+                missing = missing_module_in_log(f.read())
+            if missing is None:
+                raise
+            raise RuntimeError(f"ComfyUI exited during start-up: "
+                               f"{missing_module_advice(self.launcher.comfy_root, self.launcher.python, missing)}; "
+                               f"see {self.log_path}") from error
         return self
 
     def __exit__(self, *exc) -> None:
