@@ -22,17 +22,31 @@ function element(tag, attributes = {}, children = []) {
   return made;
 }
 
+// Tall enough for every widget at its minimum height (never smaller than the user made it).
+function fitNode(node) {
+  node.setSize([Math.max(node.size[0], 340), Math.max(node.size[1], node.computeSize()[1])]);
+  app.graph.setDirtyCanvas(true, true);
+}
+
 // One DOM widget per node and name, replaced in place on every run (never serialised into the workflow).
 function showPanel(node, name, content) {
   let widget = node.widgets?.find((w) => w.name === name);
   if (!widget) {
-    const container = element("div", { className: name });
+    const panel = element("div");
+    const container = element("div", { className: name }, [panel]);
     container.style.cssText = "font: 12px sans-serif; color: var(--input-text, #ddd); overflow: auto;";
-    widget = node.addDOMWidget(name, "finextract_panel", container, { serialize: false, hideOnZoom: false });
+    // The canvas gives a DOM widget 50 px unless it asks for more, less its margin above and below: the panel asks
+    // for its content's height. The node grows again whenever the panel would be cut: once the panel is laid out,
+    // once its images have loaded, and once the node's own image preview (a widget too) has taken its share.
+    widget = node.addDOMWidget(name, "finextract_panel", container, { serialize: false, hideOnZoom: false,
+      getMinHeight: () => panel.offsetHeight + 2 * (widget.margin ?? 10) });
+    const refitIfCut = () => container.clientHeight < panel.offsetHeight && fitNode(node);
+    const observer = new ResizeObserver(refitIfCut);
+    observer.observe(panel);
+    observer.observe(container);
   }
-  widget.element.replaceChildren(content);
-  node.setSize([Math.max(node.size[0], 340), node.computeSize()[1]]);
-  app.graph.setDirtyCanvas(true, true);
+  widget.element.firstElementChild.replaceChildren(content);
+  fitNode(node);
 }
 
 function upstreamNode(node, inputName) {
