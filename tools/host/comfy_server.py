@@ -94,7 +94,8 @@ def execution_error(entry: dict) -> str | None:
 class ComfyServer:
     """``with ComfyServer(base) as server: server.run(prompt)``; the process is always stopped on exit."""
 
-    def __init__(self, base: str, log_path: str | None = None, ready_timeout: float = 180.0, lab: bool = True):
+    def __init__(self, base: str, log_path: str | None = None, ready_timeout: float = 180.0, lab: bool = True,
+                 options: tuple[str, ...] = ()):
         settings = read_host_env()
         comfy_root = settings.get("FINEXTRACT_COMFYUI", "")
         if not os.path.exists(os.path.join(comfy_root, "main.py")):
@@ -102,9 +103,10 @@ class ComfyServer:
         self.base = prepare_base_directory(base, lab=lab)
         self.log_path = log_path or os.path.join(self.base, "comfyui.log")
         self.launcher = product_client().ComfyProcess(
-            comfy_root, settings.get("FINEXTRACT_PYTHON", sys.executable), host_server_arguments(self.base),
+            comfy_root, settings.get("FINEXTRACT_PYTHON", sys.executable), [*host_server_arguments(self.base), *options],
             self.log_path, env={"OMP_NUM_THREADS": "1"}, ready_timeout=ready_timeout)
         self.client = None  # a ComfyClient once the server runs
+        # options: more of main.py's options, such as ("--front-end-root", folder)
 
     @property
     def process(self) -> subprocess.Popen | None:
