@@ -183,15 +183,16 @@ def server(host, tmp_path_factory):  # host: tiny_models builds shapes with Comf
 
 
 def test_truncated_files_are_reported_and_the_server_goes_on(server):
-    # ComfyUI's own loaders: the message is safetensors' (the pack does not own these loaders), on the loader node.
+    # ComfyUI's own loaders, on the loader node: the words are the reader's (safetensors', or on GPU hosts of current
+    # ComfyUI its own reader's), which the pack does not own.
     prompt = attack_prompt(["lora", 0], "truncated_checkpoint")
     prompt["base"]["inputs"]["ckpt_name"] = TRUNCATED
     message = execution_error(server.run(prompt))
-    assert message is not None and message.startswith("CheckpointLoaderSimple:") and "header" in message, message
+    assert message is not None and message.startswith("CheckpointLoaderSimple:"), message
     prompt = attack_prompt(["lora", 0], "truncated_lora")
     prompt["lora"]["inputs"]["lora_name"] = TRUNCATED
     message = execution_error(server.run(prompt))
-    assert message is not None and message.startswith("LoraLoaderModelOnly:") and "header" in message, message
+    assert message is not None and message.startswith("LoraLoaderModelOnly:"), message
     # The pack's own SSCD loader names the file, what is wrong with it and where to get a good one.
     folder = os.path.join(server.base, "output", "banks", "truncated_sscd")
     message = execution_error(server.run(bank_prompt(folder, 2, 2, 2, sscd_model=TRUNCATED_SSCD)))
