@@ -36,6 +36,8 @@ CATEGORY = "FineXtract/sampling"
 GENERATION_SCHEME = "per-candidate-noise-v2"
 # Samplers whose step noise ComfyUI draws from a Brownian tree. dpmpp_sde asks for the noise of overlapping intervals
 # within a step, which must be correlated as Brownian motion's are, so independent draws would change the sampler.
+# Every other sampler gets independent draws. tests/host/test_host_compat.py runs each of the host's samplers with
+# ComfyUI's own noise and checks this list against what it draws, so a new sampler cannot silently get other noise.
 BROWNIAN_TREE_SAMPLERS = ("dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
                           "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu")
 
