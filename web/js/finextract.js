@@ -22,9 +22,9 @@ function element(tag, attributes = {}, children = []) {
   return made;
 }
 
-// Tall enough for every widget at its minimum height (never smaller than the user made it).
+// Just tall enough for every widget at its minimum height.
 function fitNode(node) {
-  node.setSize([Math.max(node.size[0], 340), Math.max(node.size[1], node.computeSize()[1])]);
+  node.setSize([Math.max(node.size[0], 340), node.computeSize()[1]]);
   app.graph.setDirtyCanvas(true, true);
 }
 
