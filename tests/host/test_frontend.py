@@ -20,7 +20,7 @@ from PIL import Image
 from test_workflows import load_workflow, small_prompt, write_reference_images
 
 from fixtures.chromium_cdp import Chromium, find_chromium
-from fixtures.stand_in_models import STAND_IN_FILES, write_workflow_stand_ins
+from fixtures.stand_in_models import stand_in_files, write_workflow_stand_ins
 from tools.host.comfy_server import REPO_ROOT, ComfyServer
 from tools.workflows.workflow_api import ui_to_api
 
@@ -37,7 +37,7 @@ def front_ends() -> list[str | None]:
 def hold_the_templates_files(models: str) -> None:
     """Each model file the templates name, beside the stand-in it stands for (a link to it): a current front end
     marks a loader whose file the server does not list, as it would for a user who lacks the file."""
-    for template_file, stand_in in STAND_IN_FILES.items():
+    for template_file, stand_in in stand_in_files().items():
         for folder in os.listdir(models):
             source = os.path.join(models, folder, stand_in)
             target = os.path.join(models, folder, template_file)
@@ -107,13 +107,13 @@ async def browse_and_run(server, page, workflow: dict, prompt: dict, pack_nodes:
     assert queued == 200
     await page.wait_for(PANELS_READY, timeout=240)
     found["report_html"] = await page.evaluate(
-        f"(() => {{ const n = {GRAPH_NODES}.find((n) => n.type === 'FineXtractAuditReport'); "
+        f"(() => {{ const n = {GRAPH_NODES}.find((n) => n.type === 'FineXtractAuditReportV2'); "
         "return app.api.fetchApi('/view?' + new URLSearchParams({filename: 'report.html', "
         "subfolder: n.widgets.find((w) => w.name === 'folder_prefix').value, type: 'output'})).then((r) => r.text()); })()")
     # Frame the nodes that carry the panels, then keep the picture as a test artifact.
     await page.evaluate(
-        f"(() => {{ const wanted = {GRAPH_NODES}.filter((n) => ['FineXtractCliqueCluster', "
-        "'FineXtractExtractionMetrics', 'FineXtractAuditReport'].includes(n.type)); "
+        f"(() => {{ const wanted = {GRAPH_NODES}.filter((n) => ['FineXtractCliqueClusterV2', "
+        "'FineXtractExtractionMetrics', 'FineXtractAuditReportV2'].includes(n.type)); "
         "const xs = wanted.flatMap((n) => [n.pos[0], n.pos[0] + n.size[0]]); "
         "const ys = wanted.flatMap((n) => [n.pos[1] - 30, n.pos[1] + n.size[1]]); "
         "app.canvas.ds.fitToBounds([Math.min(...xs), Math.min(...ys), Math.max(...xs) - Math.min(...xs), "
