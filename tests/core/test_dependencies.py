@@ -11,8 +11,8 @@ import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # ComfyUI's own modules, which the nodes import from the host.
-COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "latent_preview", "nodes",
-                   "node_helpers", "server"}
+COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfyui_version", "folder_paths",
+                   "latent_preview", "nodes", "node_helpers", "server"}
 # Installed with ComfyUI (its requirements.txt), so the pack does not declare them (requirements.txt says so).
 COMFYUI_PROVIDES = {"torch", "torchvision", "numpy", "safetensors", "pillow"}
 DISTRIBUTIONS = {"PIL": "pillow", "open_clip": "open-clip-torch"}  # import name -> distribution, where they differ

@@ -75,7 +75,8 @@ def object_info(server):
 PANELS_READY = """(() => {
   const images = [...document.querySelectorAll('.finextract-gallery img')];
   return images.length > 0 && images.every((i) => i.complete && i.naturalWidth > 0)
-    && !!document.querySelector('.finextract-scores table') && !!document.querySelector('.finextract-report-link button');
+    && !!document.querySelector('.finextract-scores table')
+    && !!document.querySelector('.finextract-report-link button');
 })()"""
 # Each panel's visible height and its content's: a panel the node is too small for scrolls (or is cut off).
 PANEL_HEIGHTS = """['finextract-gallery', 'finextract-scores', 'finextract-report-link'].map((name) => {
@@ -109,7 +110,8 @@ async def browse_and_run(server, page, workflow: dict, prompt: dict, pack_nodes:
     found["report_html"] = await page.evaluate(
         f"(() => {{ const n = {GRAPH_NODES}.find((n) => n.type === 'FineXtractAuditReportV2'); "
         "return app.api.fetchApi('/view?' + new URLSearchParams({filename: 'report.html', "
-        "subfolder: n.widgets.find((w) => w.name === 'folder_prefix').value, type: 'output'})).then((r) => r.text()); })()")
+        "subfolder: n.widgets.find((w) => w.name === 'folder_prefix').value, type: 'output'}))"
+        ".then((r) => r.text()); })()")
     # Frame the nodes that carry the panels, then keep the picture as a test artifact.
     await page.evaluate(
         f"(() => {{ const wanted = {GRAPH_NODES}.filter((n) => ['FineXtractCliqueClusterV2', "

@@ -121,7 +121,8 @@ def test_a_second_host_dir_is_a_host_of_its_own(host, tmp_path):
     found = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
                            env=dict(env, FINEXTRACT_HOST_DIR=str(tmp_path / "second"))).stdout
     assert json.loads(found) == {"FINEXTRACT_COMFYUI": read_host_env()["FINEXTRACT_COMFYUI"],
-                                 "FINEXTRACT_PYTHON": sys.executable, "FINEXTRACT_BASE": str(tmp_path / "second" / "base")}
+                                 "FINEXTRACT_PYTHON": sys.executable,
+                                 "FINEXTRACT_BASE": str(tmp_path / "second" / "base")}
 
 
 @pytest.mark.parametrize("module", ["torchsde", "torchaudio"])
@@ -184,7 +185,8 @@ def test_every_sampler_gets_the_kind_of_step_noise_comfyui_draws_for_it(host, un
     for name in comfy.samplers.SAMPLER_NAMES:
         given = bank.candidate_step_noise(name, 7, [0, 1], (4, 8, 8), unet)
         expected = BrownianTreeNoiseSampler if name in from_a_tree else step_noise_kind
-        assert type(given) is expected, f"{name}: ComfyUI draws {'from a Brownian tree' if name in from_a_tree else 'independent noise'}, the bank gives {type(given).__name__}"
+        drawn = "from a Brownian tree" if name in from_a_tree else "independent noise"
+        assert type(given) is expected, f"{name}: ComfyUI draws {drawn}, the bank gives {type(given).__name__}"
 
 
 # ---------------------------------------------------------------------------------- what the pack reads of ComfyUI
@@ -209,7 +211,8 @@ def test_the_pack_imports_no_module_of_comfy_as_a_top_level_name(host):
                     names = [node.module]
                 else:
                     continue
-                found += [(os.path.relpath(file, REPO_ROOT), name) for name in names if name.split(".")[0] in comfy_names]
+                found += [(os.path.relpath(file, REPO_ROOT), name) for name in names
+                          if name.split(".")[0] in comfy_names]
     assert found == [], "import these as comfy.<name>"
 
 
