@@ -9,6 +9,8 @@ import re
 import sys
 import tomllib
 
+from fixtures.source_imports import absolute_imports
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # ComfyUI's own modules, which the nodes import from the host.
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfyui_version", "folder_paths",
@@ -33,18 +35,11 @@ def third_party_imports() -> tuple[set[str], set[str]]:
         tree = ast.parse(open(path).read(), path)
         functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
         nested = {id(node) for function in functions for node in ast.walk(function)}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
+        for node, name in absolute_imports(tree):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in COMFYUI_MODULES:
                 continue
-            for name in names:
-                top = name.split(".")[0]
-                if top in sys.stdlib_module_names or top in COMFYUI_MODULES:
-                    continue
-                (in_functions if id(node) in nested else module_level).add(DISTRIBUTIONS.get(top, top).lower())
+            (in_functions if id(node) in nested else module_level).add(DISTRIBUTIONS.get(top, top).lower())
     return module_level, in_functions - module_level
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fixtures import tiny_models
+from fixtures.source_imports import absolute_imports
 from tools.host.comfy_server import REPO_ROOT, ComfyServer, read_host_env
 
 PRODUCT = ("__init__.py", "nodes", "finextract_core")  # what users install, besides web/ and workflows/
@@ -204,15 +205,8 @@ def test_the_pack_imports_no_module_of_comfy_as_a_top_level_name(host):
         for file in files:
             with open(file, encoding="utf-8") as f:
                 tree = ast.parse(f.read(), file)
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                    names = [node.module]
-                else:
-                    continue
-                found += [(os.path.relpath(file, REPO_ROOT), name) for name in names
-                          if name.split(".")[0] in comfy_names]
+            found += [(os.path.relpath(file, REPO_ROOT), name) for _, name in absolute_imports(tree)
+                      if name.split(".")[0] in comfy_names]
     assert found == [], "import these as comfy.<name>"
 
 
