@@ -102,11 +102,12 @@ class ComfyServer:
             raise RuntimeError("No ComfyUI host: run tools/host/bootstrap_host.sh (or set FINEXTRACT_COMFYUI)")
         self.base = prepare_base_directory(base, lab=lab)
         self.log_path = log_path or os.path.join(self.base, "comfyui.log")
-        self.launcher = product_client().ComfyProcess(
-            comfy_root, settings.get("FINEXTRACT_PYTHON", sys.executable), [*host_server_arguments(self.base), *options],
-            self.log_path, env={"OMP_NUM_THREADS": "1"}, ready_timeout=ready_timeout)
-        self.client = None  # a ComfyClient once the server runs
         # options: more of main.py's options, such as ("--front-end-root", folder)
+        arguments = [*host_server_arguments(self.base), *options]
+        self.launcher = product_client().ComfyProcess(
+            comfy_root, settings.get("FINEXTRACT_PYTHON", sys.executable), arguments, self.log_path,
+            env={"OMP_NUM_THREADS": "1"}, ready_timeout=ready_timeout)
+        self.client = None  # a ComfyClient once the server runs
 
     @property
     def process(self) -> subprocess.Popen | None:
