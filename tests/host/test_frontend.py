@@ -133,7 +133,7 @@ def test_front_end_shows_the_results_in_headless_chromium(server, object_info, r
     prompt = small_prompt(server, object_info, TEMPLATE)
     pack_nodes = sorted(t for t, info in object_info.items() if info["category"].startswith("FineXtract"))
     os.makedirs(ARTIFACTS, exist_ok=True)
-    screenshot = os.path.join(ARTIFACTS, f"front_end_{server.port}_{renderer}.png")
+    screenshot = os.path.join(ARTIFACTS, f"front_end_{server.launcher.port}_{renderer}.png")
 
     async def scenario():
         async with Chromium(find_chromium()) as page:
