@@ -54,9 +54,10 @@ The file is read as weights only; no code in it is run."""
 
 
 OUTPUTS_NOTE = """WHAT THE OUTPUTS MEAN
-Clique Cluster groups the candidates into N0 groups of mutually similar images (biggest group first), and Extracted
-Images gives one image per group: those are the images the attack claims the model was fine-tuned on. The cluster
-size says how often the model produced that image.
+Clique Cluster groups the candidates into N0 groups of mutually similar images, the likeliest memorised first (a tight
+group of near-copies, against the run's background), and Extracted Images gives one image per group: those are the
+images the attack claims the model was fine-tuned on. The cluster size says how often the model produced that image,
+the memorisation score how tight and separate its group is.
 The Audit Report node writes report.html, summary.png, the extracted images and report.json (SHA-256 of the model
 files, every sampler setting, embedder, clustering) into output/<folder_prefix>/, and shows a link to the report.
 Re-running with the same inputs writes the same bytes. A similarity is not a proof of training-set membership."""
