@@ -17,6 +17,7 @@ from ..evidence import families_agree
 from ..evidence_header import EvidenceError, read_header
 from ..guidance import DREAMBOOTH_DEFAULTS, LORA_DEFAULTS
 from ..metrics import DEFAULT_ESR_THRESHOLDS
+from ..sscd import DEFAULT_PRESET
 
 LOOSE, STRICT = DEFAULT_ESR_THRESHOLDS
 NO_FILE = "(none)"  # the Audit Report's and Model Evidence's empty choice (nodes/report.py, nodes/evidence.py)
@@ -133,7 +134,7 @@ class SDBuilder:
     def reference_nodes(self, images: list) -> dict:
         """The node that embeds the references (id REFERENCE_EMBEDDINGS, output 0: EMBEDDINGS)."""
         return {REFERENCE_EMBEDDINGS: {"class_type": "FineXtractSSCDEmbed", "inputs": {
-            "images": images, "sscd_model": self.sscd_model, "preset": "paper_resize", "batch_size": 32}}}
+            "images": images, "sscd_model": self.sscd_model, "preset": DEFAULT_PRESET, "batch_size": 32}}}
 
 
 def _family_of(path: str) -> str | None:
@@ -165,7 +166,7 @@ def extraction_prompt(graph: ModelGraph, builder, model: ModelFile, references_f
         "fine_tuned": graph.fine_tuned, "pretrained": graph.pretrained, "positive": graph.positive,
         "negative": graph.negative, "mode": "finextract", "guidance_scale": defaults["scale"], "k": defaults["k"],
         "latent_image": ["latent", 0], "seed": settings.seed, "steps": settings.steps, "sampler_name": SAMPLER,
-        "scheduler": SCHEDULER, "vae": graph.vae, "sscd_model": graph.sscd_model, "preset": "paper_resize",
+        "scheduler": SCHEDULER, "vae": graph.vae, "sscd_model": graph.sscd_model, "preset": DEFAULT_PRESET,
         "num_candidates": settings.candidates(caption_n0), "first_candidate": 0, "batch_size": settings.batch_size,
         "bank_folder": bank_folder}
     if graph.embedder is not None:
