@@ -36,6 +36,10 @@ class ServerUnavailable(ConnectionError):
     """The server does not answer (it stopped, is restarting, or the network is down)."""
 
 
+class ServerExited(RuntimeError):
+    """The ComfyUI process ended before it answered: its log says why."""
+
+
 class PromptRejected(RuntimeError):
     """ComfyUI refused to queue the prompt (it names the node and input that failed validation)."""
 
@@ -234,7 +238,7 @@ class ComfyProcess:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited during start-up; see {self.log_path}:\n{self.log_tail()}")
+                raise ServerExited(f"ComfyUI exited during start-up; see {self.log_path}:\n{self.log_tail()}")
             if client.ready():
                 return client
             time.sleep(POLL_SECONDS)

@@ -124,14 +124,14 @@ class ComfyServer:
     def __enter__(self) -> "ComfyServer":
         try:
             self.client = self.launcher.start()
-        except RuntimeError as error:
+        except product_client().ServerExited as error:  # a server that only timed out keeps its own message
             with open(self.log_path) as f:
                 missing = missing_module_in_log(f.read())
             if missing is None:
                 raise
             raise RuntimeError(f"ComfyUI exited during start-up: "
                                f"{missing_module_advice(self.launcher.comfy_root, self.launcher.python, missing)}; "
-                               f"see {self.log_path}") from error
+                               f"see {self.log_path}:\n{self.launcher.log_tail()}") from error
         return self
 
     def __exit__(self, *exc) -> None:
