@@ -110,9 +110,9 @@ def summary_with_references(references: torch.Tensor, extracted: torch.Tensor, r
     return summary
 
 
-def cluster_order(clusters: ClusterResult) -> str:
-    """How the extracted images are ordered, in words for headings."""
-    return "likeliest memorised first" if clusters.ranked_by == "memorisation score" else "biggest cluster first"
+def cluster_order(ranked_by: str) -> str:
+    """How the extracted images are ordered (ClusterResult.ranked_by), in words for headings."""
+    return "likeliest memorised first" if ranked_by == "memorisation score" else "biggest cluster first"
 
 
 def summary_of_clusters(extracted: torch.Tensor, clusters: ClusterResult) -> Image.Image:
@@ -123,7 +123,7 @@ def summary_of_clusters(extracted: torch.Tensor, clusters: ClusterResult) -> Ima
     grid_rows = -(-clusters.n_clusters // columns)
     summary = Image.new("RGB", (columns * CELL, 40 + grid_rows * (CELL + label)), "white")
     draw = ImageDraw.Draw(summary)
-    draw.text((8, 10), f"extracted images (cluster centres, {cluster_order(clusters)}); no references given",
+    draw.text((8, 10), f"extracted images (cluster centres, {cluster_order(clusters.ranked_by)}); no references given",
               fill="black", font=_font(14))
     for index, (size, score) in enumerate(zip(clusters.sizes, clusters.scores)):
         left, top = (index % columns) * CELL, 40 + (index // columns) * (CELL + label)
@@ -175,8 +175,8 @@ def render_html(report: dict, summary_png: bytes, extracted_pngs: list[bytes], r
                 f"src='{_data_uri(extracted_pngs[row['best_match']])}'><br>extracted #{row['best_match']}</td>"
                 f"<td>{row['score']:.4f}</td><td>{exceeded or 'none'}</td></tr>")
         parts.append("</table>")
-    order = cluster_order(ClusterResult.from_dict(report["clustering"]))
-    parts.append(f"<h2>Extracted images (cluster centres, {order})</h2><table><tr>")
+    parts.append(f"<h2>Extracted images (cluster centres, {cluster_order(report['clustering']['ranked_by'])})</h2>"
+                 "<table><tr>")
     for entry, png in zip(report["extracted"], extracted_pngs):
         parts.append(f"<td><img class='cell' alt='extracted' src='{_data_uri(png)}'><br>#{entry['index']}: "
                      f"{entry['cluster_size']} candidates<br>memorisation score {entry['memorisation_score']:.4f}"
