@@ -57,6 +57,17 @@ def model_identity(patcher) -> str:
     return fingerprint(patcher.get_key_patches("diffusion_model."))
 
 
+def schedule_identity(patcher) -> dict:
+    """The sampling schedule where a node replaced the model's own (ModelSamplingFlux, ModelSamplingSD3, ...: their
+    shift changes every sigma): its classes and buffers. Empty otherwise, since the model's own schedule follows from
+    its weights and config, so that banks made before this field existed keep their key."""
+    schedule = patcher.object_patches.get("model_sampling")
+    if schedule is None:
+        return {}
+    classes = [cls.__name__ for cls in type(schedule).__mro__ if cls.__module__.startswith("comfy")]
+    return {"model_sampling": fingerprint({"classes": classes, "buffers": schedule.state_dict()})}
+
+
 class CandidateBankNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -150,6 +161,7 @@ class CandidateBankNode(io.ComfyNode):
             **settings.candidate_key(), "fine_tuned": model_identity(fine_tuned),
             "pretrained": model_identity(pretrained), "positive": fingerprint(positive),
             "negative": fingerprint(negative), "vae": fingerprint(vae.first_stage_model.state_dict()), **identity,
+            **schedule_identity(patcher),
         }
         bank = CandidateBank.open(folder, key)
         wanted = range(first_candidate, first_candidate + num_candidates)
