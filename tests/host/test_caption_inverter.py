@@ -196,6 +196,26 @@ def test_bad_pairs_and_mismatched_clips_are_refused_with_advice(setup):
         invert(setup, setup["dreambooth"], search_words="sks qqqzzz")
 
 
+@pytest.mark.parametrize("family", ["flux", "flux_schnell", "sd3"])
+def test_flux_and_sd3_are_refused_with_why_and_what_to_use(setup, family):
+    """Flux and SD3 attend to text and image jointly (no attn2.to_k / to_v reads the text alone): refused, for a
+    LoRA and for a DreamBooth pair alike, naming the evidence reader's caption and the no-caption mode instead."""
+    import comfy.sd
+
+    from fixtures import tiny_dits
+
+    base, weights = tiny_dits.patcher(family, seed=1)
+    lora = tiny_dits.lora_file(family, tiny_dits.lora_factors(family, weights, seed=3), "transformer")
+    with_lora = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)[0]
+    dreambooth, _ = tiny_dits.patcher(family, diffusion_model=tiny_models.fine_tune_of(weights, 2))
+    for fine_tuned in (with_lora, dreambooth):
+        with pytest.raises(ValueError) as refused:
+            invert(setup, fine_tuned, pretrained=base)
+        message = str(refused.value)
+        assert "no cross-attention on text" in message and "attn2.to_k.weight" in message
+        assert "Model Evidence" in message and "model_guidance" in message
+
+
 def small_sdxl_clip(seed: int):
     """ComfyUI's own SDXL CLIP object (CLIP-L + bigG, SDXLClipModel) with reduced widths and depths, random weights."""
     import types
