@@ -562,6 +562,65 @@ class _Reader:
         return hints
 
 
+@dataclass(frozen=True)
+class BaseCheck:
+    """Whether the base a LoRA was trained on, as its metadata records it, is the base connected to the audit.
+
+    The family check compares classes, config and shapes, so it cannot tell two bases of one architecture apart
+    (SDXL base, Pony, Illustrious and NoobAI are all SDXL): a LoRA trained on one passes silently on another. The
+    trainer's record of its base (kohya's ss_new_sd_model_hash, the SHA-256 of the base file, and ss_sd_model_name)
+    can, where it was written. ``verdict``: "same" (the connected base is the recorded one), "different", or
+    "unknown" (nothing recorded to compare with, or the connected base's file is not known).
+    """
+    verdict: str
+    recorded_name: str | None
+    recorded_sha256: str | None
+    connected: str | None
+    connected_sha256: str | None
+    by: str | None  # what decided the verdict: "sha256", "name", "weights" or None
+    message: str
+
+    @property
+    def warns(self) -> bool:
+        return self.verdict == "different"
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "recorded_name": self.recorded_name, "recorded_sha256": self.recorded_sha256,
+                "connected": self.connected, "connected_sha256": self.connected_sha256, "by": self.by,
+                "message": self.message}
+
+
+def recorded_base(evidence: Evidence) -> tuple[str | None, str | None, str]:
+    """(name, SHA-256, both as words) of the base the file records."""
+    name = str(evidence.base_name.value) if evidence.base_name else None
+    sha256 = evidence.base_sha256.value if evidence.base_sha256 else None
+    described = " ".join(part for part in (repr(name) if name else None,
+                                           f"(SHA-256 {sha256[:12]}...)" if sha256 else None) if part)
+    return name, sha256, described
+
+
+def check_base_file(evidence: Evidence, connected: str, connected_sha256: str) -> BaseCheck:
+    """The LoRA's recorded base against the base file connected (its name as the loader lists it, its SHA-256):
+    by SHA-256 where the LoRA records one (the exact file), else by file name (a lead: files are renamed)."""
+    name, sha256, described = recorded_base(evidence)
+    if sha256 is None and name is None:
+        return BaseCheck("unknown", None, None, connected, connected_sha256, None,
+                         f"{evidence.name} records no base model, so the connected base {connected} cannot be checked "
+                         "against it (two bases of one architecture pass the family check alike)")
+    if sha256 is not None:
+        same, by = connected_sha256 == sha256, "sha256"
+    else:
+        same, by = os.path.basename(connected).lower() == os.path.basename(name).lower(), "name"
+    if same:
+        return BaseCheck("same", name, sha256, connected, connected_sha256, by,
+                         f"the connected base {connected} is the base {evidence.name} records (by {by})")
+    return BaseCheck("different", name, sha256, connected, connected_sha256, by, (
+        f"WARNING: {evidence.name} records its base as {described}, but the connected base is {connected}"
+        f"{' (another SHA-256)' if by == 'sha256' else ''}. A LoRA audited on another base of the same architecture "
+        "(SDXL base, Pony, Illustrious, NoobAI) runs without an error and extracts the wrong model's images: load the "
+        "base the LoRA names as 'pretrained' and under the LoRA"))
+
+
 def families_agree(first: str, second: str) -> bool:
     """Whether two family ids can be the same model family (the tensors show SDXL for SSD-1B too)."""
     return first == second or second in TENSOR_FAMILY_COVERS.get(first, ()) or first in TENSOR_FAMILY_COVERS.get(

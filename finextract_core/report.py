@@ -158,6 +158,9 @@ def render_html(report: dict, summary_png: bytes, extracted_pngs: list[bytes], r
         f"<p class='meaning'><b>What a score means.</b> {escape(MEANING)}</p>",
         f"<p class='caveat'><b>What it does not mean.</b> {escape(NOT_MEANING)}</p>",
     ]
+    base_check = report["base_check"]
+    if base_check is not None and base_check["verdict"] == "different":
+        parts.append(f"<p class='caveat'><b>Base model.</b> {escape(base_check['message'])}</p>")
     metrics = report["metrics"]
     if metrics is not None:
         rates = ", ".join(f"A-ESR &gt; {escape(t)}: {rate:.3f}" for t, rate in sorted(metrics["A-ESR"].items()))
@@ -187,7 +190,10 @@ def render_html(report: dict, summary_png: bytes, extracted_pngs: list[bytes], r
         parts.append(f"<tr><td>{escape(model['role'])}</td><td>{escape(model['file'])}</td><td>"
                      f"{escape(model['folder'])}</td><td>{model['bytes']}</td><td><code>{model['sha256']}</code>"
                      "</td></tr>")
-    parts.append("</table><h3>Sampling</h3><table>" + _definition_rows(report["sampling"]) + "</table>")
+    parts.append("</table>")
+    if base_check is not None:
+        parts.append(f"<p>Base check ({escape(base_check['verdict'])}): {escape(base_check['message'])}</p>")
+    parts.append("<h3>Sampling</h3><table>" + _definition_rows(report["sampling"]) + "</table>")
     parts.append("<h3>Embedder</h3><table>" + _definition_rows(report["embedder"]) + "</table>")
     clustering = {k: v for k, v in report["clustering"].items() if k != "members"}
     parts.append("<h3>Clustering</h3><table>" + _definition_rows(clustering) + "</table>")
@@ -216,10 +222,12 @@ class AuditReport:
 
 def make_report(extracted: torch.Tensor, settings: RunSettings, clusters: ClusterResult,
                 extracted_embeddings: Embeddings, models: list[dict], references: torch.Tensor | None = None,
-                scores: ExtractionScores | None = None, reference_names: Sequence[str] | None = None) -> AuditReport:
+                scores: ExtractionScores | None = None, reference_names: Sequence[str] | None = None,
+                base_check: dict | None = None) -> AuditReport:
     """The report of ``extracted`` (one image per cluster, in the clusters' order, as Extracted Images gives them),
     scored against ``references`` when ``scores`` (their Extraction Metrics) is given. ``reference_names`` label the
-    references when there is one per reference; otherwise they are numbered."""
+    references when there is one per reference; otherwise they are numbered. ``base_check``: for a LoRA, whether the
+    pretrained file is the base its metadata records (evidence.BaseCheck.to_dict()); a mismatch heads the page."""
     if (references is None) != (scores is None):
         raise ValueError("connect both references and scores (from Extraction Metrics), or neither")
     if extracted.shape[0] != clusters.n_clusters or len(extracted_embeddings) != clusters.n_clusters:
@@ -230,6 +238,7 @@ def make_report(extracted: torch.Tensor, settings: RunSettings, clusters: Cluste
     content = {
         "pack_version": __version__,
         "models": models,
+        "base_check": base_check,
         "sampling": settings.to_dict(),
         "embedder": {"model_id": extracted_embeddings.model_id, "preset": extracted_embeddings.preset,
                      "dim": extracted_embeddings.dim},

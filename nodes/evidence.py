@@ -10,16 +10,29 @@ and comfy.lora.load_lora), run on the LoRA's tensors without patching anything.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
 import comfy.lora
 import comfy.lora_convert
+import torch
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..finextract_core.evidence import FAMILY_NAMES, BaseFit, Evidence, EvidenceError, families_agree, read_evidence
+from safetensors import safe_open
+
+from ..finextract_core.evidence import (
+    FAMILY_NAMES,
+    BaseCheck,
+    BaseFit,
+    Evidence,
+    EvidenceError,
+    families_agree,
+    read_evidence,
+    recorded_base,
+)
 from ..finextract_core.evidence_tensors import is_text_encoder_key
 from ..finextract_core.hashing import FileHashes, default_cache_file
 from .guider import describe_family
@@ -97,7 +110,64 @@ def base_fit(path: str, model=None, clip=None) -> BaseFit:
                    unchecked=tuple(unchecked))
 
 
-def summary(evidence: Evidence) -> str:
+# Layers compared between the connected base MODEL and the file the LoRA names (evenly spread over the denoiser):
+# two different trainings of one architecture differ in every layer.
+COMPARED_LAYERS = 32
+CHECKPOINT_PREFIX = "model."  # a full checkpoint holds the denoiser under model.diffusion_model.
+
+
+def _different_layers(path: str, base_model) -> tuple[int, int]:
+    """(layers that differ, layers compared) between the denoiser weights in the file at ``path`` and the MODEL's own
+    (unpatched) weights, on up to COMPARED_LAYERS layers both have."""
+    weights = base_model.get_key_patches("diffusion_model.")
+    with safe_open(path, framework="pt") as file:
+        names = {}
+        for key in file.keys():
+            name = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else f"diffusion_model.{key}"
+            if name in weights:
+                names[name] = key
+        common = sorted(names)
+        chosen = [common[round(i * (len(common) - 1) / max(1, COMPARED_LAYERS - 1))]
+                  for i in range(min(COMPARED_LAYERS, len(common)))]
+        differ = 0
+        for name in dict.fromkeys(chosen):
+            stored = file.get_tensor(names[name]).float()
+            own = weights[name][0][0].detach().to("cpu", torch.float32)
+            # Within 1% of the layer's scale: the same weights loaded in another dtype, not another training.
+            differ += own.shape != stored.shape or bool((own - stored).abs().max() > 0.01 * stored.abs().max() + 1e-6)
+    return differ, len(dict.fromkeys(chosen))
+
+
+def check_base_model(evidence: Evidence, base_model) -> BaseCheck:
+    """The LoRA's recorded base against the base MODEL connected. A MODEL does not say which file it was loaded from
+    (ComfyUI 0.3.75 keeps no path on it), so the file the LoRA names is found among the user's checkpoints (by
+    SHA-256, else by name) and its weights are compared with the MODEL's."""
+    name, sha256, described = recorded_base(evidence)
+    connected = describe_family(base_model)
+    if name is None and sha256 is None:
+        return BaseCheck("unknown", None, None, connected, None, None,
+                         f"{evidence.name} records no base model, so the base MODEL cannot be checked against it")
+    match = evidence.base_matches[0] if evidence.base_matches else None
+    if match is None:
+        return BaseCheck("unknown", name, sha256, connected, None, None, (
+            f"{evidence.name} records its base as {described}, which is not among your checkpoints, so the base "
+            "MODEL cannot be checked against it: put that file in models/checkpoints (or models/diffusion_models)"))
+    differ, compared = _different_layers(model_file_path("pretrained", match.name), base_model)
+    if compared == 0:
+        return BaseCheck("unknown", name, sha256, connected, match.sha256, None, (
+            f"{match.name}, the base {evidence.name} records, names its layers otherwise than the base MODEL: "
+            "they cannot be compared"))
+    if differ == 0:
+        return BaseCheck("same", name, sha256, match.name, match.sha256, "weights", (
+            f"the base MODEL has the weights of {match.name}, the base {evidence.name} records (found by "
+            f"{', '.join(match.by)}; {compared} layers compared)"))
+    return BaseCheck("different", name, sha256, connected, match.sha256, "weights", (
+        f"WARNING: the base MODEL is not {match.name}, the base {evidence.name} records ({differ} of {compared} layers "
+        "compared differ). A LoRA audited on another base of the same architecture (SDXL base, Pony, Illustrious, "
+        f"NoobAI) runs without an error and extracts the wrong model's images: load {match.name} as the base"))
+
+
+def summary(evidence: Evidence, base_check: BaseCheck | None = None) -> str:
     """A few lines for the node's panel: what was found, where from, and what is wrong."""
     family = evidence.family
     lines = [f"{evidence.name}: {evidence.kind.value}, "
@@ -124,6 +194,8 @@ def summary(evidence: Evidence) -> str:
         if family is not None and fit.base_family is not None and not families_agree(family.value, fit.base_family):
             lines.append(f"WARNING: the file is {FAMILY_NAMES.get(family.value, family.value)}, the base MODEL is "
                          f"{FAMILY_NAMES.get(fit.base_family, fit.base_family)}")
+    if base_check is not None:
+        lines.append(f"base check: {base_check.message}")
     lines += [f"problem: {p.source} {p.message}" for p in evidence.problems]
     lines.append("Metadata is a lead, never proof: the JSON names the source of every value.")
     return "\n".join(lines)
@@ -151,7 +223,9 @@ class ModelEvidence(io.ComfyNode):
                 io.Model.Input("base_model", optional=True,
                                tooltip="Optional: the base MODEL you mean to load the LoRA on. The JSON then counts "
                                "the LoRA's keys that match one of its layers by ComfyUI's own key maps, so a LoRA "
-                               "that would half-apply is visible."),
+                               "that would half-apply is visible, and compares its weights with the base file the "
+                               "LoRA records (kohya's base SHA-256 or name): a warning when it is another base of "
+                               "the same architecture (Pony, Illustrious or NoobAI instead of SDXL base)."),
                 io.Clip.Input("base_clip", optional=True,
                               tooltip="Optional: the base CLIP, so that the LoRA's text-encoder keys are counted too."),
             ],
@@ -206,6 +280,7 @@ class ModelEvidence(io.ComfyNode):
             evidence = read_evidence(path, name=name, hashes=hashes, bases=local_checkpoints())
         except EvidenceError as error:
             raise ValueError(str(error)) from error
+        base_check = None
         if base_model is not None or base_clip is not None:
             if not evidence.is_lora:
                 raise ValueError(f"{name} is a {evidence.kind.value}, not a LoRA: the base fit counts a LoRA's keys. "
@@ -213,15 +288,19 @@ class ModelEvidence(io.ComfyNode):
             if not evidence.complete:
                 raise ValueError(f"{name} is truncated, so ComfyUI cannot load it: download or copy it again")
             evidence = replace(evidence, base_fit=base_fit(path, base_model, base_clip))
+        base_check = check_base_model(evidence, base_model) if base_model is not None and evidence.is_lora else None
         if evidence.base_matches:
             base_name = evidence.base_matches[0].name
         else:
             base_name = str(evidence.base_name.value) if evidence.base_name else ""
-        text = summary(evidence)
+        text = summary(evidence, base_check)
+        record = evidence.to_dict()
+        if base_check is not None:
+            record["base_check"] = base_check.to_dict()
         # The evidence in the UI values too, so a client over the HTTP API (finextract-audit) reads the base fit.
         return io.NodeOutput(evidence.caption.text if evidence.caption else "", int(evidence.n0.value), base_name,
-                             evidence.to_json(), evidence,
-                             ui={"text": [text], "finextract_evidence": [evidence.to_dict()]})
+                             json.dumps(record, sort_keys=True, ensure_ascii=True), evidence,
+                             ui={"text": [text], "finextract_evidence": [record]})
 
 
 NODES = [ModelEvidence]

@@ -13,6 +13,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..finextract_core import report as report_core
+from ..finextract_core.evidence import BaseCheck, EvidenceError, check_base_file, read_evidence
 from .paths import REPORT_FOLDER, resolve_folder, validate_folder
 from .types import CLUSTERS, EXTRACTION_SCORES, RUN_SETTINGS
 
@@ -100,6 +101,20 @@ def validate_report_inputs(folder_prefix, pretrained_file, fine_tuned_file, lora
     return validate_folder(REPORT_FOLDER, folder_prefix)
 
 
+def lora_base_check(models: list[dict]) -> BaseCheck | None:
+    """For a LoRA audit: whether the pretrained file is the base the LoRA's metadata records (kohya's base SHA-256,
+    else its name), the one check that tells two bases of one architecture apart (SDXL base, Pony, Illustrious)."""
+    by_role = {model["role"]: model for model in models}
+    if "lora" not in by_role or "pretrained" not in by_role:
+        return None
+    lora, pretrained = by_role["lora"], by_role["pretrained"]
+    try:
+        evidence = read_evidence(folder_paths.get_full_path(lora["folder"], lora["file"]), name=lora["file"])
+    except EvidenceError:
+        return None  # not a safetensors file: ComfyUI's loader has refused it already
+    return check_base_file(evidence, pretrained["file"], pretrained["sha256"])
+
+
 def write_audit_report(extracted, settings, clusters, extracted_embeddings, folder_prefix, pretrained_file,
                        fine_tuned_file, lora_file, references=None, scores=None, reference_names=None) -> io.NodeOutput:
     """Writes the report into output/<folder_prefix>/ and returns the node's output: report.html's path, and the
@@ -109,13 +124,15 @@ def write_audit_report(extracted, settings, clusters, extracted_embeddings, fold
               (("pretrained", pretrained_file), ("fine_tuned", fine_tuned_file), ("lora", lora_file))
               if name != NO_FILE]
     names = reference_names.splitlines() if reference_names is not None else None
+    base_check = lora_base_check(models)
     made = report_core.make_report(extracted, settings, clusters, extracted_embeddings, models, references, scores,
-                                   names)
+                                   names, base_check.to_dict() if base_check else None)
     os.makedirs(folder, exist_ok=True)
     report_path = report_core.write_report(folder, made)
     saved = [ui.SavedResult(name, subfolder, io.FolderType.output)
              for name in [report_core.SUMMARY_NAME, *made.extracted_files]]
-    return io.NodeOutput(report_path, ui={"images": saved, "text": [f"{made.headline}\nreport: {report_path}"],
+    warning = f"\n{base_check.message}" if base_check is not None and base_check.warns else ""
+    return io.NodeOutput(report_path, ui={"images": saved, "text": [f"{made.headline}{warning}\nreport: {report_path}"],
                                           "finextract_report": [report_core.panel(made, subfolder)]})
 
 
