@@ -42,6 +42,11 @@ class GuidanceMode(str, enum.Enum):
 DREAMBOOTH_DEFAULTS = {"scale": 3.0, "k": -0.02}
 LORA_DEFAULTS = {"scale": 5.0, "k": 0.0}
 CFG_DEFAULT_SCALE = 3.0
+# Flux dev (guidance-distilled; docs/families.md): real model guidance between the two models at w' = 3, the best
+# strength of the paper's Flux dev LoRA runs (Appendix H), k = 0 (a LoRA), and the distilled guidance (FluxGuidance)
+# at 1 on both conditionings: at 1 the distilled model gives its plain conditional prediction, which Eq. 13 combines;
+# above 1 the caption branch would carry a second, fine-tuned-only CFG inside it.
+FLUX_DEV_DEFAULTS = {"scale": 3.0, "k": 0.0, "distilled_guidance": 1.0}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,13 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..finextract_core import __version__
-from ..finextract_core.guidance import CFG_DEFAULT_SCALE, DREAMBOOTH_DEFAULTS, LORA_DEFAULTS, GuidanceMode
+from ..finextract_core.guidance import (
+    CFG_DEFAULT_SCALE,
+    DREAMBOOTH_DEFAULTS,
+    FLUX_DEV_DEFAULTS,
+    LORA_DEFAULTS,
+    GuidanceMode,
+)
 from ..finextract_core.run_settings import RunSettings
 from .guider import Guider_ModelGuidance, build_guider, describe_family
 from .types import RUN_SETTINGS
@@ -32,9 +38,12 @@ def _guidance_inputs() -> list:
                        "model through LoraLoaderModelOnly for a LoRA."),
         io.Model.Input("pretrained", tooltip="The model it was fine-tuned from (the same base checkpoint)."),
         io.Conditioning.Input("positive", tooltip="The training caption (for example 'sks style'), encoded with the "
-                              "fine-tuned model's CLIP. Ignored by model_guidance."),
+                              "fine-tuned model's CLIP. Ignored by model_guidance. Flux dev: through FluxGuidance "
+                              f"{FLUX_DEV_DEFAULTS['distilled_guidance']} (the distilled model's plain conditional "
+                              "prediction, which Eq. 13 guides; a higher value adds a second CFG inside it)."),
         io.Conditioning.Input("negative", tooltip="The empty prompt, encoded with the pretrained model's CLIP: the "
-                              "unconditional branch."),
+                              "unconditional branch. Flux dev: through FluxGuidance "
+                              f"{FLUX_DEV_DEFAULTS['distilled_guidance']} too (without it ComfyUI uses 3.5)."),
         io.Combo.Input("mode", options=[m.value for m in GuidanceMode], default=GuidanceMode.FINEXTRACT.value,
                        tooltip="finextract: Eq. 13, fine-tuned(caption) guided away from pretrained(empty). "
                        "model_guidance: Eq. 6, no caption. Baselines on the same sampler and seeds: cfg "
@@ -43,7 +52,8 @@ def _guidance_inputs() -> list:
         io.Float.Input("guidance_scale", default=DREAMBOOTH_DEFAULTS["scale"], min=0.0, max=100.0, step=0.1,
                        round=0.01, tooltip=f"w' (w for model_guidance). Paper defaults: {DREAMBOOTH_DEFAULTS['scale']} "
                        f"for DreamBooth, {LORA_DEFAULTS['scale']} for LoRA fine-tunes, {CFG_DEFAULT_SCALE} for the cfg "
-                       "baseline."),
+                       f"baseline; {FLUX_DEV_DEFAULTS['scale']} for a Flux dev LoRA (the paper's best on Flux dev, "
+                       "Appendix H: real guidance between the two models, the distilled guidance at 1)."),
         io.Float.Input("k", default=DREAMBOOTH_DEFAULTS["k"], min=-1.0, max=1.0, step=0.01, round=0.001,
                        tooltip=f"Correction term scale of Eq. 13 (finextract only). Paper defaults: "
                        f"{DREAMBOOTH_DEFAULTS['k']} for DreamBooth, {LORA_DEFAULTS['k']} for LoRA fine-tunes."),
