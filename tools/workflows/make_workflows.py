@@ -26,9 +26,23 @@ WORKFLOWS_DIR = os.path.join(REPO_ROOT, "workflows")
 BASE_FILE = "v1-5-pruned-emaonly.safetensors"
 DREAMBOOTH_FILE = "my_dreambooth.safetensors"
 LORA_FILE = "my_lora.safetensors"
+# The Flux dev LoRA audit's files, as ComfyUI's own Flux template names them (UNETLoader, DualCLIPLoader, VAELoader).
+FLUX_BASE_FILE = "flux1-dev.safetensors"
+FLUX_CLIP_L_FILE = "clip_l.safetensors"
+FLUX_T5_FILE = "t5xxl_fp16.safetensors"
+FLUX_VAE_FILE = "ae.safetensors"
+FLUX_LORA_FILE = "my_flux_lora.safetensors"
+# The SDXL-derivative LoRA audit's: the derivative base the LoRA was trained on (Pony, Illustrious, NoobAI, ...).
+SDXL_DERIVATIVE_BASE_FILE = "my_sdxl_derivative_base.safetensors"
+SDXL_LORA_FILE = "my_sdxl_lora.safetensors"
 N0 = 10  # the fine-tuning set's size; the paper samples N = 50 x N0 candidates
-# Candidates per Candidate Bank batch: fits a 12 GB GPU for SD 1.x at 512 px (BANK_NOTE says why).
+# Candidates per Candidate Bank batch: fits a 12 GB GPU for SD 1.x at 512 px (BANK_NOTE says why); the SDXL and Flux
+# audits' batches at 1024 px, FAMILY_BANK_NOTES say why.
 BANK_BATCH = 8
+SDXL_BANK_BATCH = 4
+FLUX_BANK_BATCH = 2
+FLUX_SIZE = SDXL_SIZE = 1024
+FLUX_STEPS = 28  # Flux dev's reference sampling (diffusers' FluxPipeline default), with euler and the simple schedule
 
 
 def core(name: str) -> ModuleType:
@@ -94,6 +108,27 @@ Training caption: the LoRA's trigger prompt. Pick the base and LoRA files in the
 
 
 
+def family_bank_note(family: str) -> str:
+    """The bank's note for the SDXL and Flux audits: ComfyUI's own estimate of a denoiser pass
+    (comfy/model_base.py memory_required: latent positions x bytes per value x 0.01 MiB x the family's
+    memory_usage_factor, 0.8 for SDXL and 3.1 for Flux) for the 2 rows (caption and empty) of each candidate."""
+    if family == "sdxl":
+        batch, size, weights = SDXL_BANK_BATCH, SDXL_SIZE, (
+            "one fp16 UNet of 2.6 G parameters (the LoRA shares it), 5.1 GB; CLIP-L + bigG, VAE and SSCD about 2 GB")
+        per_candidate, fits = 2 * 128 * 128 * 2 * 0.01 * 0.8, "12 GB"
+    else:
+        batch, size, weights = FLUX_BANK_BATCH, FLUX_SIZE, (
+            "the 11.9 G-parameter transformer in fp8 (UNETLoader's weight_dtype fp8_e4m3fn), 11.9 GB; ComfyUI offloads "
+            "T5-XXL after encoding the two prompts; VAE and SSCD well under 1 GB")
+        per_candidate, fits = 2 * 128 * 128 * 2 * 0.01 * 3.1, "24 GB"
+    return f"""CANDIDATE BANK: N = 50 x N0 = {50 * N0} CANDIDATES, {batch} AT A TIME, RESUMABLE
+As in the SD 1.x templates: each finished batch is kept in output/<bank_folder>/, a cancelled run resumes, one
+bank_folder per setting. Why {batch} fits a {fits} GPU at {size} x {size}: the weights take {weights}; ComfyUI's own
+estimate of a denoiser pass (comfy/model_base.py, memory_required) is about {per_candidate:.0f} MiB per candidate
+(caption and empty rows), {batch * per_candidate / 1024:.1f} GB for {batch}. Not measured on a GPU by this project. On
+a larger GPU raise batch_size; on an out-of-memory error lower it: it never changes the candidates."""
+
+
 def defaults_note(kind: str) -> str:
     scale, k = guidance_settings(kind, "finextract")
     return f"""PAPER DEFAULTS (FineXtract, ICML 2025)
@@ -132,6 +167,10 @@ def model_files(kind: str) -> dict:
     (none)."""
     if kind == "dreambooth":
         return {"pretrained_file": BASE_FILE, "fine_tuned_file": DREAMBOOTH_FILE}
+    if kind == "flux":
+        return {"pretrained_file": FLUX_BASE_FILE, "lora_file": FLUX_LORA_FILE}
+    if kind == "sdxl_derivative":
+        return {"pretrained_file": SDXL_DERIVATIVE_BASE_FILE, "lora_file": SDXL_LORA_FILE}
     return {"pretrained_file": BASE_FILE, "lora_file": LORA_FILE}
 
 
@@ -234,6 +273,63 @@ def recovered_caption() -> list[dict]:
     return [*nodes, candidate_size(), *bank_attack("dreambooth", name="dreambooth_recovered_caption")]
 
 
+def flux_lora() -> list[dict]:
+    """A Flux dev LoRA audit: the shift on the base before it branches (both models sample the same sigmas), the
+    distilled guidance at FLUX_DEV_DEFAULTS on both prompts, real model guidance between the two models."""
+    guidance = core("guidance").FLUX_DEV_DEFAULTS
+    distilled = {"guidance": guidance["distilled_guidance"]}
+    return [
+        node("unet", "UNETLoader", "Flux dev base (diffusion model)", {"unet_name": FLUX_BASE_FILE}),
+        node("clip", "DualCLIPLoader", "Flux text encoders",
+             {"clip_name1": FLUX_CLIP_L_FILE, "clip_name2": FLUX_T5_FILE, "type": "flux"}),
+        node("vae", "VAELoader", "Flux VAE", {"vae_name": FLUX_VAE_FILE}),
+        node("pretrained", "ModelSamplingFlux", "Base: Flux's shift for the candidate size",
+             {"width": FLUX_SIZE, "height": FLUX_SIZE}, model="unet.MODEL"),
+        node("fine_tuned", "LoraLoaderModelOnly", "LoRA under audit",
+             {"lora_name": FLUX_LORA_FILE, "strength_model": 1.0}, model="pretrained.MODEL"),
+        node("caption_text", "CLIPTextEncode", "Training caption", {"text": "sks style"}, clip="clip.CLIP"),
+        node("empty_text", "CLIPTextEncode", "Empty prompt", {"text": ""}, clip="clip.CLIP"),
+        node("caption", "FluxGuidance", "Caption: distilled guidance", distilled,
+             conditioning="caption_text.CONDITIONING"),
+        node("empty", "FluxGuidance", "Empty prompt: distilled guidance", distilled,
+             conditioning="empty_text.CONDITIONING"),
+        node("latent", "EmptySD3LatentImage", "Candidate size (16-channel latent; its batch size is not used)",
+             {"width": FLUX_SIZE, "height": FLUX_SIZE, "batch_size": 1}),
+        node("bank", "FineXtractCandidateBank", "Candidate bank: FineXtract",
+             {"mode": "finextract", "guidance_scale": guidance["scale"], "k": guidance["k"], "steps": FLUX_STEPS,
+              "sampler_name": "euler", "scheduler": "simple", "sscd_model": core("sscd").PAPER_MODEL_FILE,
+              "num_candidates": 50 * N0, "batch_size": FLUX_BANK_BATCH, "bank_folder": "finextract/flux_lora_bank"},
+             **MODEL_LINKS, vae="vae.VAE"),
+        *extraction("flux", "", "FineXtract", "flux_lora", "bank.embeddings", "bank.run_settings", bank="bank.bank",
+                    vae="vae.VAE"),
+    ]
+
+
+def sdxl_derivative_lora() -> list[dict]:
+    """An SDXL-derivative LoRA audit: Model Evidence reads the LoRA's recorded caption and checks the base connected
+    against the base the LoRA names (the family check cannot tell SDXL bases apart); the caption feeds the encoder."""
+    scale, k = guidance_settings("lora", "finextract")
+    return [
+        node("pretrained", "CheckpointLoaderSimple", "Base checkpoint (the SDXL derivative the LoRA names)",
+             {"ckpt_name": SDXL_DERIVATIVE_BASE_FILE}),
+        node("fine_tuned", "LoraLoaderModelOnly", "LoRA under audit",
+             {"lora_name": SDXL_LORA_FILE, "strength_model": 1.0}, model="pretrained.MODEL"),
+        node("evidence", "FineXtractModelEvidence", "Model Evidence: caption and base check",
+             {"lora_file": SDXL_LORA_FILE}, base_model="pretrained.MODEL", base_clip="pretrained.CLIP"),
+        node("caption", "CLIPTextEncode", "Training caption (from the LoRA's metadata)", {"text": ""},
+             clip="pretrained.CLIP", text="evidence.caption"),
+        node("empty", "CLIPTextEncode", "Empty prompt", {"text": ""}, clip="pretrained.CLIP"),
+        node("latent", "EmptyLatentImage", "Candidate size (its batch size is not used)",
+             {"width": SDXL_SIZE, "height": SDXL_SIZE, "batch_size": 1}),
+        node("bank", "FineXtractCandidateBank", "Candidate bank: FineXtract",
+             {"mode": "finextract", "guidance_scale": scale, "k": k, "sscd_model": core("sscd").PAPER_MODEL_FILE,
+              "num_candidates": 50 * N0, "batch_size": SDXL_BANK_BATCH,
+              "bank_folder": "finextract/sdxl_derivative_lora_bank"}, **MODEL_LINKS, vae="pretrained.VAE"),
+        *extraction("sdxl_derivative", "", "FineXtract", "sdxl_derivative_lora", "bank.embeddings",
+                    "bank.run_settings", bank="bank.bank", vae="pretrained.VAE"),
+    ]
+
+
 def attack_spec(kind: str, variant: str) -> dict:
     """The DreamBooth or LoRA attack through the Candidate Bank (variant "") or in one batch ("_one_batch")."""
     models = dreambooth_models() if kind == "dreambooth" else lora_models()
@@ -278,6 +374,37 @@ measured 0.5-1.9 s per iteration for SD 1.x's CLIP-L on a busy 2-core CPU (minut
 far faster on a GPU. Same seed, same caption.""",
                       BANK_NOTE, defaults_note("dreambooth"), sscd_note(), OUTPUTS_NOTE],
             "nodes": recovered_caption(),
+        },
+        "finextract_flux_lora": {
+            "notes": [f"""FINEXTRACT ON A FLUX DEV LORA
+Base: {FLUX_BASE_FILE} (models/diffusion_models), its text encoders (models/text_encoders) and VAE (models/vae), as in
+ComfyUI's own Flux template; the LoRA under audit (models/loras) on the fine-tuned side. In the Audit Report pick the
+same base and LoRA files: the report checks the base against the one the LoRA's metadata names.
+Flux dev is guidance-distilled: the guidance value travels inside the conditioning (FluxGuidance). Both prompts go
+through FluxGuidance {core("guidance").FLUX_DEV_DEFAULTS["distilled_guidance"]}: at 1 the distilled model gives its
+plain conditional prediction, which model guidance (Eq. 13) combines; a higher value on the caption would put a second
+CFG of the fine-tuned model alone inside it. The guidance is then real, between the two models: w' =
+{core("guidance").FLUX_DEV_DEFAULTS["scale"]}, the best strength of the paper's Flux dev LoRA runs (its Appendix H),
+k = {core("guidance").FLUX_DEV_DEFAULTS["k"]}, as for every LoRA. Each step runs two rows per candidate, as CFG does:
+twice Flux dev's usual cost.
+The shift (ModelSamplingFlux) sits on the base before it branches, so both inputs carry the same schedule (the
+sampler takes the fine-tuned input's); it is part of the bank's settings. {FLUX_STEPS} steps of euler on the simple
+schedule, Flux dev's usual sampling. Flux schnell: load it instead, 4 steps; no FluxGuidance (it has no guidance
+input). The Caption Inverter does not apply to Flux (no text-only cross-attention): type the trigger, or read it
+with the Model Evidence node.""", family_bank_note("flux"), sscd_note(), OUTPUTS_NOTE],
+            "nodes": flux_lora(),
+        },
+        "finextract_sdxl_derivative_lora": {
+            "notes": [f"""FINEXTRACT ON A LORA FOR AN SDXL DERIVATIVE (PONY, ILLUSTRIOUS, NOOBAI, ...)
+Base checkpoint: the derivative the LoRA was trained on, not SDXL base. They all share SDXL's architecture, so a LoRA
+loaded on another of them runs without an error (ComfyUI maps every key) and the audit would extract the wrong
+model's images. The Model Evidence node reads what the LoRA's trainer recorded: its caption (fed to the 'Training
+caption' encoder; type one there instead if the LoRA records none) and its base (kohya's base SHA-256 and name),
+compared with the weights of the base connected: its panel shows a WARNING when the base is another one. The Audit
+Report compares the base file you pick with the recorded SHA-256 and writes the same warning at the top of the report.
+w' = {scale}, k = {k}: the paper's LoRA defaults; 50 DDIM steps at {SDXL_SIZE} x {SDXL_SIZE}.""",
+                      family_bank_note("sdxl"), sscd_note(), OUTPUTS_NOTE],
+            "nodes": sdxl_derivative_lora(),
         },
         "finextract_audit_my_images": {
             "notes": [f"""AUDIT A LORA AGAINST MY OWN IMAGES
