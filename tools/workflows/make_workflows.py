@@ -42,7 +42,7 @@ BANK_BATCH = 8
 SDXL_BANK_BATCH = 4
 FLUX_BANK_BATCH = 2
 FLUX_SIZE = SDXL_SIZE = 1024
-FLUX_STEPS = 28  # Flux dev's reference sampling (diffusers' FluxPipeline default), with euler and the simple schedule
+FLUX_STEPS = 28  # a usual Flux dev setting, with euler and the simple schedule (the paper gives no Flux steps)
 
 
 def core(name: str) -> ModuleType:
@@ -389,7 +389,7 @@ k = {core("guidance").FLUX_DEV_DEFAULTS["k"]}, as for every LoRA. Each step runs
 twice Flux dev's usual cost.
 The shift (ModelSamplingFlux) sits on the base before it branches, so both inputs carry the same schedule (the
 sampler takes the fine-tuned input's); it is part of the bank's settings. {FLUX_STEPS} steps of euler on the simple
-schedule, Flux dev's usual sampling. Flux schnell: load it instead, 4 steps; no FluxGuidance (it has no guidance
+schedule, a usual Flux dev setting (the paper gives no Flux steps). Flux schnell: load it instead, 4 steps; no FluxGuidance (it has no guidance
 input). The Caption Inverter does not apply to Flux (no text-only cross-attention): type the trigger, or read it
 with the Model Evidence node.""", family_bank_note("flux"), sscd_note(), OUTPUTS_NOTE],
             "nodes": flux_lora(),
