@@ -32,7 +32,13 @@ import comfy.patcher_extension
 import comfy.samplers
 import comfy.weight_adapter
 
-from ..finextract_core.guidance import GuidanceMode, apply_correction, cfg_combination, guidance_form
+from ..finextract_core.guidance import (
+    FLUX_DEV_DEFAULTS,
+    GuidanceMode,
+    apply_correction,
+    cfg_combination,
+    guidance_form,
+)
 from .lora_branch import WRAPPER_KEY, NoLowRankForm, SideBranch, side_branch_for
 
 LOG = logging.getLogger("finextract")
@@ -421,9 +427,34 @@ class Guider_ModelGuidance(comfy.samplers.CFGGuider):
             self.pair.pretrained.model, [self.conds[_COND_NAMES["pre_uncond"]]], x, timestep, options)[0]
 
 
+def distilled_guidance_advice(fine_tuned, positive, negative) -> str | None:
+    """For a guidance-distilled model (Flux dev), what is off with the distilled guidance its two conditionings
+    carry (FluxGuidance's value, which ComfyUI reads per conditioning), or None. Not an error: a choice of the user's,
+    but one that changes what Eq. 13 combines (docs/families.md)."""
+    if not fine_tuned.model.model_config.unet_config.get("guidance_embed", False):
+        return None
+    values = {role: sorted({c[1].get("guidance") for c in conds}, key=str)
+              for role, conds in (("positive", positive), ("negative", negative))}
+    missing = [role for role, found in values.items() if None in found]
+    if missing:
+        return (f"finextract: the {' and '.join(missing)} conditioning of this guidance-distilled model (Flux dev) "
+                f"carries no FluxGuidance value, so ComfyUI samples it at 3.5; the FineXtract template puts FluxGuidance "
+                f"{FLUX_DEV_DEFAULTS['distilled_guidance']} on both prompts, so that the caption branch is the "
+                "model's plain conditional prediction that model guidance combines")
+    if values["positive"] != values["negative"]:
+        return (f"finextract: the caption's distilled guidance ({values['positive']}) differs from the empty "
+                f"prompt's ({values['negative']}); the FineXtract template puts FluxGuidance "
+                f"{FLUX_DEV_DEFAULTS['distilled_guidance']} on both")
+    return None
+
+
 def build_guider(fine_tuned, pretrained, positive, negative, mode, scale, k,
                  allow_side_branch: bool = True) -> Guider_ModelGuidance:
     guidance_form(mode, scale, k)  # refuses NaN / inf guidance values before the models are looked at
     guider = Guider_ModelGuidance(pair_models(fine_tuned, pretrained, allow_side_branch), mode, scale, k)
     guider.set_conds(positive, negative)
+    if "pre_uncond" in guider.branches:
+        advice = distilled_guidance_advice(fine_tuned, positive, negative)
+        if advice:
+            LOG.warning(advice)
     return guider

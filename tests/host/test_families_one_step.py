@@ -11,6 +11,7 @@ slice of Flux's qkv): the side branch adds each block to its slice of the layer'
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -122,3 +123,28 @@ def test_flux_dev_branches_take_their_own_conditionings_guidance(host):
     schnell, _ = tiny_dits.patcher("flux_schnell", seed=1)
     # Schnell has no guidance embedding: the value is ignored.
     assert torch.equal(alone(schnell, caption, noise, SIGMA), alone(schnell, at_one, noise, SIGMA))
+
+
+def test_flux_dev_conditionings_without_or_with_unequal_distilled_guidance_are_named_in_the_log(host, caplog):
+    """Not an error (the user may choose otherwise), but named: a Flux dev conditioning without FluxGuidance is
+    sampled at ComfyUI's 3.5, and unequal values on the two prompts differ from the template's choice."""
+    base, _, dreambooth, _ = models("flux")
+    caption, empty, _ = step_inputs("flux")  # guidance 2.0 and 1.0
+    build = host.module("nodes.guider").build_guider
+    bare = [[caption[0][0], {k: v for k, v in caption[0][1].items() if k != "guidance"}]]
+    cases = [(bare, empty, "positive conditioning .* carries no FluxGuidance value, so ComfyUI samples it at 3.5"),
+             (caption, empty, r"caption's distilled guidance \(\[2.0\]\) differs from the empty prompt's"),
+             (empty, empty, None)]
+    for positive, negative, expected in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="finextract"):
+            build(dreambooth, base, positive, negative, "finextract", W, K)
+        messages = [r.getMessage() for r in caplog.records if "distilled guidance" in r.getMessage()
+                    or "FluxGuidance" in r.getMessage()]
+        if expected is None:
+            assert not messages, messages
+        else:
+            assert len(messages) == 1 and re.search(expected, messages[0]), messages
+    # Other families have no distilled guidance: nothing to say.
+    sd3, _, sd3_dreambooth, _ = models("sd3")
+    assert host.module("nodes.guider").distilled_guidance_advice(sd3_dreambooth, *step_inputs("sd3")[:2]) is None
