@@ -75,9 +75,10 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores; load before: {uptime()}")
     print(f"{len(jobs)} models, N = {opts.candidates_per_image} x N0 candidates, {opts.steps} steps, batches of "
           f"{opts.batch_size}, 32 px world, CPU")
-    server = command.Server(args, out, audit.builder, [models], print)
+    worker = command.AuditWorker(args, [models], time.time())
+    server = worker.server
     try:
-        jobs = audit.fit_loras(server, jobs)
+        jobs = worker.fit_loras(jobs)
         warm = jobs[0]  # the first prompt loads the references and the base: timed apart, as a run pays it once
         rows, embedding_seconds = [], {}
         for job in [warm, *jobs]:

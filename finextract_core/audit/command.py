@@ -28,8 +28,8 @@ from ..evidence_header import EvidenceError
 from ..hashing import FileHashes
 from ..images import IMAGE_SUFFIXES, image_names
 from .index import index_content, write_index
-from .workflow import (LOOSE, STRICT, ExtractionSettings, ModelFile, extraction_prompt, load_builder, lora_fit_prompt,
-                       prescreen_prompt, with_defaults)
+from .workflow import (LOOSE, STRICT, ExtractionSettings, ModelFile, bank_range_prompt, extraction_prompt, load_builder,
+                       lora_fit_prompt, prescreen_prompt, with_defaults)
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FITTING_KINDS = ("lora", "lycoris", "checkpoint", "unet")
@@ -102,9 +102,15 @@ def evidence_leads(evidence: dict) -> dict:
 
 class Server:
     """The ComfyUI server the run uses: one it started (restarted when it dies) or one given by URL (waited for
-    when it goes away)."""
+    when it goes away).
 
-    def __init__(self, opts, out: str, builder, roots: list[str], log):
+    A server it starts writes into ``out`` (the reports and banks, which the index links to) and keeps in ``home``
+    what no two servers on one machine may share: its log, its extra_model_paths.yaml, its temp folder (ComfyUI
+    empties it at start-up), its input and user folders; its port is a free one. The models, the custom nodes and
+    the ComfyUI tree are shared."""
+
+    def __init__(self, opts, out: str, builder, roots: list[str], log, home: str | None = None):
+        home = home or out
         self.log = log
         self.process = None
         self.object_info: dict = {}
@@ -118,13 +124,18 @@ class Server:
         if not comfy_root:
             raise AuditError("this pack is not inside a ComfyUI's custom_nodes: give --comfyui DIR (the folder "
                              "with ComfyUI's main.py), or --server URL")
-        config = write_server_config(out, comfy_root, builder, roots, opts.bases, opts.references)
-        self.state_file = os.path.join(out, "server.json")
+        config = write_server_config(home, comfy_root, builder, roots, opts.bases, opts.references)
+        self.state_file = os.path.join(home, "server.json")
         comfy_client.stop_recorded_server(self.state_file)
-        arguments = ["--output-directory", out, "--extra-model-paths-config", config,
+        own = {}
+        for kind in ("temp", "input", "user"):
+            own[kind] = os.path.join(home, "server", kind)
+            os.makedirs(own[kind], exist_ok=True)
+        arguments = ["--output-directory", out, "--temp-directory", own["temp"], "--input-directory", own["input"],
+                     "--user-directory", own["user"], "--extra-model-paths-config", config,
                      "--database-url", "sqlite:///:memory:", *opts.comfy_arg]
         self.process = comfy_client.ComfyProcess(comfy_root, opts.python, arguments,
-                                                 os.path.join(out, "comfyui.log"))
+                                                 os.path.join(home, "comfyui.log"))
         self.config = config
         self.start()
 
@@ -179,12 +190,12 @@ class Server:
             self.process.stop()
 
 
-def write_server_config(out: str, comfy_root: str, builder, roots: list[str], bases: str, references: str) -> str:
+def write_server_config(home: str, comfy_root: str, builder, roots: list[str], bases: str, references: str) -> str:
     """extra_model_paths.yaml for the server the audit starts: the models and bases folders in ComfyUI's model
     lists, the references folder registered for Load Reference Images (the pack reads folders outside ComfyUI's
     input only where the server's owner, here the audit, registered them: docs/security.md), and the pack (when it is not in that ComfyUI's custom_nodes) and the builder's node folders loaded after
     ComfyUI's own."""
-    server = os.path.join(out, "server")
+    server = os.path.join(home, "server")
     node_folders = []
     if comfy_client.find_comfyui(PACK_ROOT) != os.path.abspath(comfy_root):
         node_folders.append(("custom_nodes", os.path.basename(PACK_ROOT), PACK_ROOT))
@@ -206,24 +217,251 @@ def write_server_config(out: str, comfy_root: str, builder, roots: list[str], ba
         if paths:
             lines.append(f"  {kind}: |")
             lines.extend(f"    {path}" for path in paths)
-    path = os.path.join(out, "extra_model_paths.yaml")
+    path = os.path.join(home, "extra_model_paths.yaml")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def log_line(started: float, message: str, worker: str = "") -> None:
+    """One progress line, its time counted from the run's start (a wall-clock time, which the workers share)."""
+    print(f"[audit {time.time() - started:5.0f} s{' ' + worker if worker else ''}] {message}", flush=True)
+
+
+def settings_of(opts) -> ExtractionSettings:
+    return ExtractionSettings(opts.candidates_per_image, opts.max_candidates, opts.steps, opts.seed, opts.batch_size)
+
+
+def state_path(out: str, job: Job) -> str:
+    """Where a finished model's index row is kept (the next run skips the model)."""
+    return os.path.join(out, "state", f"{job.key}.json")
+
+
+def bank_folder(job: Job) -> str:
+    """The model's Candidate Bank, relative to the server's output folder (every worker writes its ranges there)."""
+    return f"banks/{job.key}"
+
+
+def bank_ranges(candidates: int, size: int, batch_size: int) -> list[tuple[int, int]]:
+    """(first candidate, count) ranges that cover 0 .. candidates - 1, each a whole number of bank batches: the
+    bank then holds the batches one prompt over the whole range makes, so no candidate's rounding depends on the
+    split."""
+    size = max(1, -(-size // batch_size)) * batch_size
+    return [(first, min(size, candidates - first)) for first in range(0, candidates, size)]
+
+
+def split_evenly(items: list, weight_of, parts: int) -> list[list]:
+    """``items`` in at most ``parts`` contiguous groups of about equal weight."""
+    total = sum(weight_of(item) for item in items)
+    groups, group, done = [], [], 0
+    for item in items:
+        group.append(item)
+        done += weight_of(item)
+        if len(groups) < parts - 1 and done * parts >= total * (len(groups) + 1):
+            groups.append(group)
+            group = []
+    return groups + ([group] if group else [])
+
+
+def base_groups(items: list, base_of, weight_of, workers: int) -> list[list]:
+    """Items (kept in order) grouped by base, so that a worker keeps one base loaded over a whole group: each
+    base's items in contiguous groups, as many as its share of the work keeps workers busy (at least one); the
+    heaviest groups first, so the run does not end waiting on one big group."""
+    by_base: dict = {}
+    for item in items:
+        by_base.setdefault(base_of(item), []).append(item)
+    total = sum(weight_of(item) for item in items) or 1
+    groups = []
+    for members in by_base.values():
+        weight = sum(weight_of(item) for item in members)
+        groups.extend(split_evenly(members, weight_of, max(1, -(-workers * weight // total))))
+    return sorted(groups, key=lambda group: -sum(weight_of(item) for item in group))
+
+
+class AuditWorker:
+    """What one ComfyUI server does for the audit, a group of jobs at a time: read LoRAs' keys against their base,
+    pre-screen, fill index ranges of banks, extract. The single-machine command has one (LocalWorkers); a Ray
+    cluster has one in each actor (audit.ray_cluster). Each call returns the index rows it made."""
+
+    def __init__(self, opts, roots: list[str], started: float, name: str = ""):
+        self.opts = opts
+        self.out = os.path.abspath(opts.out)
+        self.started = started
+        self.name = name
+        self.builder = load_builder(opts.workflow_builder)
+        self.settings = settings_of(opts)
+        self.rows: dict[str, dict] = {}
+        home = os.path.join(self.out, "workers", name) if name else self.out
+        self.server = Server(opts, self.out, self.builder, roots, self.log, home)
+
+    def log(self, message: str) -> None:
+        log_line(self.started, message, self.name)
+
+    def skip(self, name: str, status: str, reason: str, leads: dict | None = None) -> None:
+        self.rows[name] = {"model": name, "status": status, "reason": reason, "evidence": leads or {}}
+        self.log(f"{name}: {status}: {reason}")
+
+    def made_rows(self) -> dict[str, dict]:
+        rows, self.rows = self.rows, {}
+        return rows
+
+    def screen(self, jobs: list[Job]) -> tuple[list[Job], dict[str, dict]]:
+        """The jobs that go on to extraction (with their LoRA fit and pre-screen score), and the rows of those
+        that do not."""
+        kept = self.fit_loras(jobs)
+        if self.opts.prescreen:
+            kept = self.prescreen(kept)
+        return kept, self.made_rows()
+
+    def fit_loras(self, jobs: list[Job]) -> list[Job]:
+        """A LoRA runs only where its base takes every key of it that the base can be asked about (ComfyUI's own
+        key maps, through the Model Evidence node): a LoRA that half-applies would be audited as another model."""
+        kept = []
+        for job in jobs:
+            if not job.model.is_lora:
+                kept.append(job)
+                continue
+            graph = self.builder.model_graph(job.model, job.base, job.caption)
+            entry = self.server.run(lora_fit_prompt(graph, job.model))
+            error = comfy_client.execution_error(entry)
+            if error:
+                self.skip(job.model.name, "failed", f"reading its keys against {job.base.name}: {error}", job.row)
+                continue
+            fit = entry["outputs"]["evidence"]["finextract_evidence"][0]["base_fit"]
+            job.row["lora_keys_loaded"] = f"{fit['keys_loaded']}/{fit['keys_checked']}"
+            if not fit["keys_checked"] or fit["keys_loaded"] < fit["keys_checked"]:
+                self.skip(job.model.name, "no base", f"{job.base.name} takes {fit['keys_loaded']} of the LoRA's "
+                          f"{fit['keys_checked']} keys: it was trained on another base", job.row)
+                continue
+            kept.append(job)
+        return kept
+
+    def prescreen(self, jobs: list[Job]) -> list[Job]:
+        kept = []
+        for job in jobs:
+            graph = self.builder.model_graph(job.model, job.base, job.caption)
+            entry = self.server.run(prescreen_prompt(graph, self.builder, self.opts.prescreen_samples, self.opts.seed))
+            error = comfy_client.execution_error(entry)
+            if error:
+                self.skip(job.model.name, "failed", f"pre-screen: {error}", job.row)
+                continue
+            job.prescreen = round(float(entry["outputs"]["prescreen"]["finextract_prescreen"][0]["score"]), 6)
+            if job.prescreen < self.opts.prescreen_threshold:
+                self.skip(job.model.name, "below pre-screen",
+                          f"pre-screen score {job.prescreen:.4f} < --prescreen-threshold "
+                          f"{self.opts.prescreen_threshold:g}", {**job.row, "prescreen": job.prescreen})
+                continue
+            self.log(f"{job.model.name}: pre-screen {job.prescreen:.4f}")
+            kept.append(job)
+        return kept
+
+    def extraction(self, job: Job) -> tuple[dict, str]:
+        """The model's whole prompt, and its report's folder under the output folder."""
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in job.model.name)[:80]
+        report_prefix = f"reports/{slug}-{job.key[:8]}"
+        graph = self.builder.model_graph(job.model, job.base, job.caption)
+        prompt = extraction_prompt(graph, self.builder, job.model, self.opts.references, job.n0, self.settings,
+                                   bank_folder(job), report_prefix)
+        return prompt, report_prefix
+
+    def bank_progress(self, job: Job) -> "BankProgress":
+        return BankProgress(os.path.join(self.out, bank_folder(job)), self.settings.candidates(job.n0), self.log,
+                            job.model.name)
+
+    def fill(self, ranges: list[tuple[Job, int, int]]) -> dict[str, dict]:
+        """Candidates first .. first + count - 1 of each model into its bank (the bank node alone). A range that
+        fails is left to the model's extraction, which generates what is missing and reports the error."""
+        for job, first, count in ranges:
+            prompt = bank_range_prompt(self.extraction(job)[0], first, count)
+            span = f"candidates {first}-{first + count - 1} of {self.settings.candidates(job.n0)}"
+            self.log(f"{job.model.name}: {span} into its bank")
+            error = comfy_client.execution_error(self.server.run(prompt, on_progress=self.bank_progress(job)))
+            if error:
+                self.log(f"{job.model.name}: {span}: {error}")
+        return self.made_rows()
+
+    def extract(self, numbered: list[tuple[int, int, Job]]) -> dict[str, dict]:
+        """Each model's extraction, metrics and report, ``(number, total, job)`` as the progress names it. The
+        bank resumes: what an earlier run or other workers' ranges made is not generated again."""
+        for number, total, job in numbered:
+            self.extract_one(job, number, total)
+        return self.made_rows()
+
+    def extract_one(self, job: Job, number: int, total: int) -> None:
+        name = job.model.name
+        state = state_path(self.out, job)
+        if os.path.exists(state):
+            with open(state) as f:
+                self.rows[name] = json.load(f)
+            self.log(f"model {number}/{total} {name}: finished in an earlier run")
+            return
+        candidates = self.settings.candidates(job.n0)
+        prompt, report_prefix = self.extraction(job)
+        self.log(f"model {number}/{total} {name} on {job.base.name}: N = {candidates} candidates, N0 = {job.n0}, "
+                 f"caption {job.caption!r}")
+        entry = self.server.run(prompt, on_progress=self.bank_progress(job))
+        error = comfy_client.execution_error(entry)
+        if error:
+            self.skip(name, "failed", error, job.row)
+            return
+        report = self.server.view_json(report_prefix, "report.json")
+        scores = {row["name"]: round(float(row["score"]), 6) for row in report["references"]}
+        row = {"model": name, "status": "done", "base": job.base.name, "evidence": job.row,
+               "report": f"{report_prefix}/report.html", "scores": scores,
+               "passes_loose": sum(s >= LOOSE for s in scores.values()),
+               "passes_strict": sum(s >= STRICT for s in scores.values()),
+               "best": max(scores.values(), default=0.0), "prescreen": job.prescreen,
+               "candidates": candidates, "n0": job.n0}
+        with open(state + ".tmp", "w") as f:
+            json.dump(row, f, sort_keys=True)
+        os.replace(state + ".tmp", state)
+        self.rows[name] = row
+        self.log(f"model {number}/{total} {name}: best {row['best']:.3f}, {row['passes_loose']} of "
+                 f"{len(scores)} references pass {LOOSE:g}, report {report_prefix}/report.html")
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class LocalWorkers:
+    """The single-machine run: one AuditWorker and its server, the jobs one at a time in the run's order (which
+    keeps each base's models together)."""
+
+    count = 1
+
+    def __init__(self, opts, roots: list[str], started: float, log):
+        self.worker = AuditWorker(opts, roots, started)
+
+    def groups(self, items: list, base_of, weight_of) -> list[list]:
+        return [[item] for item in items]
+
+    def map(self, method: str, groups: list[list]):
+        """Each group's result, in order."""
+        for group in groups:
+            yield getattr(self.worker, method)(group)
+
+    def close(self) -> None:
+        self.worker.stop()
+
+
+def job_of(item) -> Job:
+    """The job of a step's item: a Job, (number, total, job) or (job, first, count)."""
+    if isinstance(item, Job):
+        return item
+    return item[2] if isinstance(item[2], Job) else item[0]
 
 
 class Audit:
     def __init__(self, opts):
         self.opts = opts
         self.out = os.path.abspath(opts.out)
-        self.started = time.monotonic()
+        self.started = time.time()
         self.builder = load_builder(opts.workflow_builder)
-        self.settings = ExtractionSettings(opts.candidates_per_image, opts.max_candidates, opts.steps, opts.seed,
-                                           opts.batch_size)
+        self.settings = settings_of(opts)
         self.rows: dict[str, dict] = {}
 
     def log(self, message: str) -> None:
-        print(f"[audit {time.monotonic() - self.started:5.0f} s] {message}", flush=True)
+        log_line(self.started, message)
 
     def write_index(self, progress: str) -> None:
         write_index(self.out, index_content(list(self.rows.values()), self.references, (LOOSE, STRICT), progress))
@@ -231,6 +469,14 @@ class Audit:
     def skip(self, name: str, status: str, reason: str, leads: dict | None = None) -> None:
         self.rows[name] = {"model": name, "status": status, "reason": reason, "evidence": leads or {}}
         self.log(f"{name}: {status}: {reason}")
+
+    def workers(self, roots: list[str]):
+        """The servers the run drives: one here, or a Ray cluster's (--ray; the engine is imported only then)."""
+        if self.opts.ray:
+            from .ray_cluster import RayWorkers
+
+            return RayWorkers(self.opts, roots, self.started, self.log)
+        return LocalWorkers(self.opts, roots, self.started, self.log)
 
     def run(self) -> int:
         opts = self.opts
@@ -244,22 +490,43 @@ class Audit:
             self.log(f"--bases '{opts.bases}' holds no base model this builder knows: every model will be skipped")
         jobs = self.plan(files, bases, hashes)
         self.write_index(f"running: {len(jobs)} models to extract")
-        server = Server(opts, self.out, self.builder, roots, self.log) if jobs else None
-        try:
-            jobs = self.fit_loras(server, jobs) if jobs else []
-            if opts.prescreen:
-                jobs = self.prescreen(server, jobs)
-            jobs.sort(key=lambda job: (job.base.name, -(job.prescreen or 0.0), job.model.name))
-            for number, job in enumerate(jobs, 1):
-                self.extract(server, job, number, len(jobs))
-                self.write_index(f"running: {number} of {len(jobs)} models extracted")
-        finally:
-            if server is not None:
-                server.stop()
+        if jobs:
+            workers = self.workers(roots)
+            try:
+                self.extract_all(workers, jobs)
+            finally:
+                workers.close()
         done = sum(row["status"] == "done" for row in self.rows.values())
         self.write_index(f"complete: {done} models extracted, {len(self.rows) - done} not")
         self.log(f"done: {self.out}/index.html ({done} models extracted, {len(self.rows) - done} not)")
         return 0
+
+    def extract_all(self, workers, jobs: list[Job]) -> None:
+        """Every model's LoRA fit and pre-screen; then, with several workers, the banks' index ranges spread over
+        them; then each model's extraction. Each step goes to the workers in groups by base."""
+        def base_of(item) -> str:
+            return job_of(item).base.name
+
+        def candidates_of(item) -> int:
+            return self.settings.candidates(job_of(item).n0)
+
+        screened = []
+        for kept, rows in workers.map("screen", workers.groups(jobs, base_of, lambda job: 1)):
+            screened.extend(kept)
+            self.rows.update(rows)
+        screened.sort(key=lambda job: (job.base.name, -(job.prescreen or 0.0), job.model.name))
+        if workers.count > 1:  # one model's bank over many workers, and many models' evenly
+            ranges = [(job, first, count) for job in screened if not os.path.exists(state_path(self.out, job))
+                      for first, count in bank_ranges(self.settings.candidates(job.n0), self.opts.bank_range,
+                                                      self.settings.batch_size)]
+            for rows in workers.map("fill", workers.groups(ranges, base_of, lambda item: item[2])):
+                self.rows.update(rows)
+        numbered = [(number, len(screened), job) for number, job in enumerate(screened, 1)]
+        extracted = 0
+        for rows in workers.map("extract", workers.groups(numbered, base_of, candidates_of)):
+            extracted += len(rows)
+            self.rows.update(rows)
+            self.write_index(f"running: {extracted} of {len(screened)} models extracted")
 
     def plan(self, files, bases, hashes) -> list[Job]:
         jobs = []
@@ -299,86 +566,6 @@ class Audit:
                                    f"fits by its tensors (one of {len(fitting)})")
             jobs.append(Job(model, data, base, caption, n0, key, leads))
         return jobs
-
-    def fit_loras(self, server: Server, jobs: list[Job]) -> list[Job]:
-        """A LoRA runs only where its base takes every key of it that the base can be asked about (ComfyUI's own
-        key maps, through the Model Evidence node): a LoRA that half-applies would be audited as another model."""
-        kept = []
-        for job in jobs:
-            if not job.model.is_lora:
-                kept.append(job)
-                continue
-            graph = self.builder.model_graph(job.model, job.base, job.caption)
-            entry = server.run(lora_fit_prompt(graph, job.model))
-            error = comfy_client.execution_error(entry)
-            if error:
-                self.skip(job.model.name, "failed", f"reading its keys against {job.base.name}: {error}", job.row)
-                continue
-            fit = entry["outputs"]["evidence"]["finextract_evidence"][0]["base_fit"]
-            job.row["lora_keys_loaded"] = f"{fit['keys_loaded']}/{fit['keys_checked']}"
-            if not fit["keys_checked"] or fit["keys_loaded"] < fit["keys_checked"]:
-                self.skip(job.model.name, "no base", f"{job.base.name} takes {fit['keys_loaded']} of the LoRA's "
-                          f"{fit['keys_checked']} keys: it was trained on another base", job.row)
-                continue
-            kept.append(job)
-        return kept
-
-    def prescreen(self, server: Server, jobs: list[Job]) -> list[Job]:
-        kept = []
-        for job in jobs:
-            graph = self.builder.model_graph(job.model, job.base, job.caption)
-            entry = server.run(prescreen_prompt(graph, self.builder, self.opts.prescreen_samples, self.opts.seed))
-            error = comfy_client.execution_error(entry)
-            if error:
-                self.skip(job.model.name, "failed", f"pre-screen: {error}", job.row)
-                continue
-            job.prescreen = round(float(entry["outputs"]["prescreen"]["finextract_prescreen"][0]["score"]), 6)
-            if job.prescreen < self.opts.prescreen_threshold:
-                self.skip(job.model.name, "below pre-screen",
-                          f"pre-screen score {job.prescreen:.4f} < --prescreen-threshold "
-                          f"{self.opts.prescreen_threshold:g}", {**job.row, "prescreen": job.prescreen})
-                continue
-            self.log(f"{job.model.name}: pre-screen {job.prescreen:.4f}")
-            kept.append(job)
-        return kept
-
-    def extract(self, server: Server, job: Job, number: int, total: int) -> None:
-        name = job.model.name
-        state = os.path.join(self.out, "state", f"{job.key}.json")
-        if os.path.exists(state):
-            with open(state) as f:
-                self.rows[name] = json.load(f)
-            self.log(f"model {number}/{total} {name}: finished in an earlier run")
-            return
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-        report_prefix = f"reports/{slug}-{job.key[:8]}"
-        bank_folder = f"banks/{job.key}"
-        candidates = self.settings.candidates(job.n0)
-        graph = self.builder.model_graph(job.model, job.base, job.caption)
-        prompt = extraction_prompt(graph, self.builder, job.model, self.opts.references, job.n0, self.settings,
-                                   bank_folder, report_prefix)
-        self.log(f"model {number}/{total} {name} on {job.base.name}: N = {candidates} candidates, N0 = {job.n0}, "
-                 f"caption {job.caption!r}")
-        entry = server.run(prompt, on_progress=BankProgress(os.path.join(self.out, bank_folder), candidates,
-                                                            self.log, name))
-        error = comfy_client.execution_error(entry)
-        if error:
-            self.skip(name, "failed", error, job.row)
-            return
-        report = server.view_json(report_prefix, "report.json")
-        scores = {row["name"]: round(float(row["score"]), 6) for row in report["references"]}
-        row = {"model": name, "status": "done", "base": job.base.name, "evidence": job.row,
-               "report": f"{report_prefix}/report.html", "scores": scores,
-               "passes_loose": sum(s >= LOOSE for s in scores.values()),
-               "passes_strict": sum(s >= STRICT for s in scores.values()),
-               "best": max(scores.values(), default=0.0), "prescreen": job.prescreen,
-               "candidates": candidates, "n0": job.n0}
-        with open(state + ".tmp", "w") as f:
-            json.dump(row, f, sort_keys=True)
-        os.replace(state + ".tmp", state)
-        self.rows[name] = row
-        self.log(f"model {number}/{total} {name}: best {row['best']:.3f}, {row['passes_loose']} of "
-                 f"{len(scores)} references pass {LOOSE:g}, report {report_prefix}/report.html")
 
 
 class BankProgress:
@@ -433,11 +620,23 @@ def parser() -> argparse.ArgumentParser:
                    "and extract the likeliest memorisers first")
     p.add_argument("--prescreen-threshold", type=float, default=0.0, help="skip models scoring below this")
     p.add_argument("--prescreen-samples", type=int, default=4)
+    cluster = p.add_argument_group("scale-out on a Ray cluster (pip install 'finextract[cluster]'; docs/scale-out.md)")
+    cluster.add_argument("--ray", choices=("auto", "local"),
+                         help="'auto': join the running Ray cluster (ray start); 'local': start one on this machine "
+                         "for the run. Each worker starts its own ComfyUI server")
+    cluster.add_argument("--workers", type=int, default=0,
+                         help="ComfyUI workers (default: one per GPU of the cluster; on a machine without GPUs, 1)")
+    cluster.add_argument("--bank-range", type=int, default=64,
+                         help="candidates per Ray task when a model's bank is spread over the workers (rounded up "
+                         "to whole batches)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
+    if opts.ray and opts.server:
+        print("finextract-audit: --ray starts a ComfyUI server on each worker: leave --server out", file=sys.stderr)
+        return 2
     try:
         return Audit(opts).run()
     except AuditError as error:

@@ -190,6 +190,23 @@ def extraction_prompt(graph: ModelGraph, builder, model: ModelFile, references_f
     return prompt
 
 
+def bank_range_prompt(prompt: dict, first: int, count: int) -> dict:
+    """The extraction prompt's Candidate Bank alone (with the nodes it reads), for candidates first .. first +
+    count - 1: the same bank folder and key, so the whole prompt later finds them there. The bank is an output node,
+    so it runs with nothing after it."""
+    needed, todo = set(), ["bank"]
+    while todo:
+        node_id = todo.pop()
+        if node_id not in needed:
+            needed.add(node_id)
+            todo.extend(value[0] for value in prompt[node_id]["inputs"].values()
+                        if isinstance(value, list) and len(value) == 2 and value[0] in prompt)
+    bank = prompt["bank"]
+    nodes = {node_id: node for node_id, node in prompt.items() if node_id in needed}
+    nodes["bank"] = {**bank, "inputs": {**bank["inputs"], "first_candidate": first, "num_candidates": count}}
+    return nodes
+
+
 def lora_fit_prompt(graph: ModelGraph, model: ModelFile) -> dict:
     """Model Evidence on the LoRA with the base's MODEL: how many of its keys the base takes."""
     nodes = {key: value for key, value in graph.nodes.items() if key == BASE or key.startswith(BASE + "_")}

@@ -61,7 +61,9 @@ def test_declared_dependencies_are_the_imported_ones():
     assert required == {"scipy"}, f"the product imports {sorted(required)} at module level beyond ComfyUI's"
     assert requirement_names(read_lines("requirements.txt")) == required
     assert requirement_names(project["dependencies"]) == required
-    assert optional == {"open-clip-torch"} == requirement_names(project["optional-dependencies"]["clip"])
+    extras = project["optional-dependencies"]
+    assert optional == {"open-clip-torch", "ray"}
+    assert requirement_names(extras["clip"]) == {"open-clip-torch"} and requirement_names(extras["cluster"]) == {"ray"}
     dev = requirement_names(read_lines("requirements-dev.txt"))
     assert dev == requirement_names(project["optional-dependencies"]["dev"])
     assert "networkx" in dev and "networkx" not in module_level | optional, "networkx is for the tests only"
