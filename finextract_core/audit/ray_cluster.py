@@ -23,6 +23,7 @@ from .command import PACK_ROOT, AuditError, AuditWorker, base_groups
 
 ACTOR_RESTARTS = 2  # Ray starts a dead actor again (and its ComfyUI) this often before its group goes elsewhere
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes listen on 127.0.0.1 only
+SHOW_EVERY_LINE = "RAY_DEDUP_LOGS"  # "0": each worker's progress lines reach the terminal, not "repeated 3x"
 
 
 class ComfyWorker:
@@ -53,8 +54,9 @@ def connect(mode: str, workers: int):
     """The ray module, connected: to the running cluster (``auto``), or to one started here for the run with
     ``workers`` CPUs (``local``: no dashboard, every process on 127.0.0.1). The workers import the pack from its
     folder (on a cluster of several machines, the pack, the models and --out must be at the same paths on each)."""
+    os.environ.setdefault(SHOW_EVERY_LINE, "0")  # both read when ray is first imported
     if mode == "local":
-        os.environ.setdefault(LOOPBACK_ONLY, "0")  # read when ray is first imported
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
     try:
         import ray
     except ImportError:
