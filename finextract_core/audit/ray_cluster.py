@@ -19,10 +19,12 @@ import os
 import statistics
 import time
 
+from ..comfy_client import READY_TIMEOUT
 from .command import PACK_ROOT, AuditError, AuditWorker, base_groups
 
 ACTOR_RESTARTS = 2  # Ray starts a dead actor again (and its ComfyUI) this often before its group goes elsewhere
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes listen on 127.0.0.1 only
+START_SECONDS = 2 * READY_TIMEOUT  # a worker's ComfyUI answers within READY_TIMEOUT once Ray has placed it
 SHOW_EVERY_LINE = "RAY_DEDUP_LOGS"  # "0": each worker's progress lines reach the terminal, not "repeated 3x"
 
 
@@ -52,7 +54,7 @@ class ComfyWorker:
 
 def connect(mode: str, workers: int):
     """The ray module, connected: to the running cluster (``auto``), or to one started here for the run with
-    ``workers`` CPUs (``local``: no dashboard, every process on 127.0.0.1). The workers import the pack from its
+    ``workers`` CPUs, all of the machine's by default (``local``: no dashboard, every process on 127.0.0.1). The workers import the pack from its
     folder (on a cluster of several machines, the pack, the models and --out must be at the same paths on each)."""
     os.environ.setdefault(SHOW_EVERY_LINE, "0")  # both read when ray is first imported
     if mode == "local":
@@ -64,7 +66,7 @@ def connect(mode: str, workers: int):
     path = os.pathsep.join(p for p in [PACK_ROOT, os.environ.get("PYTHONPATH", "")] if p)
     runtime_env = {"env_vars": {"PYTHONPATH": path}}
     if mode == "local":
-        ray.init(num_cpus=max(workers, 1), include_dashboard=False, runtime_env=runtime_env,
+        ray.init(num_cpus=workers or None, include_dashboard=False, runtime_env=runtime_env,
                  logging_level="warning")
     else:
         try:
@@ -98,11 +100,18 @@ class RayWorkers:
             handle = actor.options(**options).remote(name, opts, roots, started)
             starting[handle.url.remote()] = (name, handle)
         self.handles: dict[str, object] = {}
+        deadline = time.monotonic() + START_SECONDS
         while starting:
-            [ready], _ = ray.wait(list(starting), num_returns=1)
-            name, handle = starting.pop(ready)
+            answered, _ = ray.wait(list(starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not answered:
+                for name, handle in starting.values():
+                    self.log(f"{name}: not started within {START_SECONDS:.0f} s (are the cluster's "
+                             f"{'GPUs' if gpus else 'CPUs'} taken by another job?), going on without it")
+                    ray.kill(handle)
+                break
+            name, handle = starting.pop(answered[0])
             try:
-                self.log(f"{name}: ComfyUI ready at {ray.get(ready)}")
+                self.log(f"{name}: ComfyUI ready at {ray.get(answered[0])}")
                 self.handles[name] = handle
             except ray.exceptions.RayActorError as error:
                 self.log(f"{name}: its ComfyUI could not start, going on without it: {first_error_line(error)} "
