@@ -46,13 +46,18 @@ def embedding_prompt(references: str, builder, count: int) -> dict:
             "preview": {"class_type": "PreviewAny", "inputs": {"source": ["embed", 0]}}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def audit_options(description: str) -> argparse.ArgumentParser:
+    """The benchmark audit's size (also benchmarks/bench_audit_ray.py's)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--candidates-per-image", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
-    opts = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    opts = audit_options(__doc__).parse_args()
 
     from finextract_core.audit import command, workflow
 

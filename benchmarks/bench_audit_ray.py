@@ -14,19 +14,14 @@ the load (uptime) is printed before and after.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 
+from benchmarks.bench_audit import audit_options, uptime
 from fixtures.audit_inputs import build_bench_models, build_inputs
 from tools.host.comfy_server import read_host_env
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def timed_audit(arguments: list[str]) -> dict:
@@ -55,11 +50,7 @@ def timed_audit(arguments: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=int, default=8)
-    parser.add_argument("--candidates-per-image", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = audit_options(__doc__)
     parser.add_argument("--bank-range", type=int, default=16)
     opts = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"  # each ComfyUI one thread: a worker per core

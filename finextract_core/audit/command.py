@@ -10,6 +10,9 @@ against the references and the model's audit report; then OUT/index.{html,csv,js
 OUT/state/ under (model SHA-256, base SHA-256, settings), so the same command again skips it, and a killed run
 resumes the model in flight from its bank. Models are grouped by base (the server keeps the base loaded across
 them) and the references are embedded once (same node, same inputs: ComfyUI's cache).
+
+With --ray auto (a running Ray cluster) or --ray local [--workers N], the same run over one ComfyUI worker per GPU
+(audit.ray_cluster, docs/scale-out.md), with the same index.
 """
 
 from __future__ import annotations
@@ -636,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser().parse_args(argv)
     if opts.ray and opts.server:
         print("finextract-audit: --ray starts a ComfyUI server on each worker: leave --server out", file=sys.stderr)
+        return 2
+    if opts.workers and not opts.ray:
+        print("finextract-audit: --workers needs --ray local or --ray auto", file=sys.stderr)
         return 2
     try:
         return Audit(opts).run()

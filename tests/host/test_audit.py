@@ -12,11 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from fixtures.audit_inputs import N0, build_inputs
+from fixtures.audit_runs import bank_shards, start_and_wait_for_a_bank_batch
 from tools.host.comfy_server import REPO_ROOT, read_host_env
 
 SETTINGS = ["--candidates-per-image", "8", "--max-candidates", "20", "--steps", "8", "--batch-size", "4",
@@ -32,9 +32,13 @@ def audit_command(inputs: dict, out: str) -> list[str]:
             "--workflow-builder", "lab.audit_world:WorldBuilder", *SETTINGS]
 
 
+def audit_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def run_audit(inputs: dict, out: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(audit_command(inputs, out) + list(extra), capture_output=True, text=True, timeout=900,
-                          cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          cwd=REPO_ROOT, env=audit_env())
 
 
 def index_bytes(out: str) -> dict[str, bytes]:
@@ -111,32 +115,10 @@ def test_a_second_run_skips_finished_models_and_writes_the_same_bytes(inputs, fi
     assert index_bytes(out) == first
 
 
-def bank_shards(out: str) -> dict[str, int]:
-    """Each bank batch on disk, with its modification time."""
-    return {os.path.join(root, f): os.stat(os.path.join(root, f)).st_mtime_ns
-            for root, _, files in os.walk(os.path.join(out, "banks")) for f in files
-            if f.startswith("candidates-") and f.endswith(".safetensors")}
-
-
-def start_and_wait_for_a_bank_batch(inputs: dict, out: str) -> subprocess.Popen:
-    """The audit started in the background, returned once a model's bank holds its first batch but not all."""
-    process = subprocess.Popen(audit_command(inputs, out), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if bank_shards(out):
-            return process
-        if process.poll() is not None:
-            pytest.fail(f"the audit ended before a bank filled:\n{process.stdout.read()[-4000:]}")
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail("no bank batch within 600 s")
-
-
 def test_a_run_killed_while_a_bank_fills_resumes_to_the_same_index(inputs, first_run, tmp_path):
     _, _, first = first_run
     out = str(tmp_path / "killed")
-    process = start_and_wait_for_a_bank_batch(inputs, out)
+    process = start_and_wait_for_a_bank_batch(audit_command(inputs, out), out, audit_env())
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     kept = bank_shards(out)
@@ -151,7 +133,7 @@ def test_a_run_killed_while_a_bank_fills_resumes_to_the_same_index(inputs, first
 def test_a_server_that_dies_mid_run_is_started_again_and_its_prompt_queued_again(inputs, first_run, tmp_path):
     _, _, first = first_run
     out = str(tmp_path / "server-killed")
-    process = start_and_wait_for_a_bank_batch(inputs, out)
+    process = start_and_wait_for_a_bank_batch(audit_command(inputs, out), out, audit_env())
     with open(os.path.join(out, "server.json")) as f:
         server = json.load(f)
     os.killpg(server["pid"], signal.SIGKILL)  # the server the audit started, and its children

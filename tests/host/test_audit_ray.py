@@ -18,11 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from fixtures.audit_inputs import build_inputs
+from fixtures.audit_runs import start_and_wait_for_a_bank_batch
 from tools.host.comfy_inprocess import host_module
 from tools.host.comfy_server import REPO_ROOT, read_host_env
 
@@ -187,22 +187,6 @@ def test_one_model_bank_over_two_workers_of_a_running_cluster_equals_the_one_ser
     assert row == [r for r in single["models"] if r["model"] == PHOTOS_MODEL]
 
 
-def start_and_wait_for_a_bank_batch(command: list[str], out: str, cluster: str) -> subprocess.Popen:
-    """The audit in the background, returned once a bank holds its first batch (the workers are mid-model)."""
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=run_env(cluster))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        banks = os.path.join(out, "banks")
-        if any(f.startswith("candidates-") for _, _, files in os.walk(banks) for f in files):
-            return process
-        if process.poll() is not None:
-            pytest.fail(f"the audit ended before a bank filled:\n{process.stdout.read()[-4000:]}")
-        time.sleep(0.1)
-    process.kill()
-    pytest.fail("no bank batch within 600 s")
-
-
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -215,7 +199,7 @@ def test_a_worker_killed_mid_model_loses_nothing_and_makes_nothing_twice(ray_inp
     out = str(tmp_path / f"killed-{victim}")
     command = audit_command(ray_inputs["models"], ray_inputs, out, "--ray", "auto", "--workers", "2",
                             "--bank-range", "8")
-    process = start_and_wait_for_a_bank_batch(command, out, ray_cluster)
+    process = start_and_wait_for_a_bank_batch(command, out, run_env(ray_cluster))
     with open(os.path.join(out, "workers", "worker-1", "server.json")) as f:
         server = json.load(f)
     if victim == "server":
