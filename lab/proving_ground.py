@@ -21,17 +21,20 @@ the way from the pretrained model's to the exact memoriser's (training.Memorisat
 Budget (the default run: 2 concepts, N0 = 5, one seed; 2-core CPU, otherwise idle, 2 torch threads): from nothing,
 1162 s (world pretraining 692, four fine-tunes 212, sampling and scoring the rest); with the world and its fine-tunes
 cached, 256 s, with the same figures. --scales 1.5,2,3,5 adds a w' sweep for cfg and finextract (about 2.5x the
-sampling time); each extra seed or concept repeats its fine-tunes and sampling.
+sampling time); each extra seed or concept repeats its fine-tunes and sampling. These times are the world before format
+4: its UNet costs about 4x less per training step (side by side, forward and backward of a 64-image batch).
 
-What the world is: 32x32 RGB procedural images (gradients, textures, one captioned shape, clutter) with 4-word
-captions; a 0.4 M-parameter cross-attention UNet (SD layer names) and a small transformer text encoder, pretrained
-for 1,500 steps (lab/world). What it can show: whether, in a real trained text-to-image model, guiding a
-fine-tune away from its base (Eq. 13, Eq. 6) makes memorised fine-tuning images likelier than direct sampling or CFG
-on the same seeds, measured with the pack's own sampler, clustering and metrics, and whether the caption can be read
-from the weights. What it cannot show: the paper's numbers. The base model is weak (it draws colour fields, not
-shapes), 32x32 leaves little detail for a descriptor, SSCD is replaced by high-pass pixel correlation (see
-lab/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone barely
-memorises here (see training.STRENGTHS), and a few concepts of N0 = 5 make A-ESR move in steps of 0.05.
+What the world is: 32x32 RGB procedural images (a shaded background with a named texture, one captioned shape at a
+named place, clutter) with 6-word captions; a 0.7 M-parameter UNet with self- and cross-attention at 32x32, 16x16
+and 8x8 (SD layer names) and a small transformer text encoder, pretrained for 1,500 steps (lab/world); its weights
+depend on the CPU's float kernels, so figures hold for the machine that built the world. What it can show: whether,
+in a real trained text-to-image model, guiding a fine-tune away from its base (Eq. 13, Eq. 6) makes memorised
+fine-tuning images likelier than direct sampling or CFG on the same seeds, measured with the pack's own sampler,
+clustering and metrics, and whether the caption can be read from the weights. What it cannot show: the paper's
+numbers. The base model is weak, 32x32 leaves little detail for a descriptor, SSCD is replaced by high-pass pixel
+correlation (see lab/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone
+stops short of partial memorisation here (see training.STRENGTHS), and a few concepts of N0 = 5 make A-ESR move in
+steps of 0.05.
 """
 from __future__ import annotations
 
@@ -140,6 +143,7 @@ class ProvingGround:
         scored = self.metrics.extraction_metrics(high_refs, high.subset(centres))
         return {
             **_figures(scored),
+            "saturation": saturation(candidates),
             "per_reference": list(scored.best_score),
             "best_of_all_candidates": _figures(self.metrics.extraction_metrics(high_refs, high)),
             "pixel": _figures(self.metrics.extraction_metrics(pixel_refs, pixel.subset(centres))),
@@ -216,7 +220,7 @@ class ProvingGround:
             random_images, _ = self.data.procedural_batch(np.random.default_rng(seed), self.n_candidates,
                                                           drop_captions=False)
             concept = {"index": index, "seed": run_seed, "caption": caption, "images": [os.path.basename(p) for p in files],
-                       "references": references, "styles": {},
+                       "references": references, "reference_saturation": saturation(references), "styles": {},
                        "floors": {"random_pretraining_images": self.evaluate(torch.from_numpy((random_images + 1) / 2),
                                                                              references),
                                   "pretrained_with_caption": self.evaluate(floor_images, references)}}
@@ -270,6 +274,12 @@ class ProvingGround:
                                              1.0, 0.0)[0]
 
 
+def saturation(images: torch.Tensor) -> float:
+    """The share of pixel values (every channel of every image) at the limits of the [0, 1] range: a guidance that
+    extrapolates too far drives samples into flat black and white, which the decoder's clipping hides."""
+    return round(float(((images <= 0) | (images >= 1)).double().mean()), 4)
+
+
 def _figures(scored) -> dict:
     rates = scored.extraction_success_rates
     return {"AS": round(scored.average_similarity, 4), "A-ESR 0.6": rates[0.6], "A-ESR 0.7": rates[0.7]}
@@ -287,6 +297,7 @@ def summarise(concepts: list[dict]) -> dict:
                 "A-ESR 0.7": _mean_and_spread([e["A-ESR 0.7"] for e in entries]),
                 "best_of_all_candidates_AS": _mean_and_spread([e["best_of_all_candidates"]["AS"] for e in entries]),
                 "pixel_AS": _mean_and_spread([e["pixel"]["AS"] for e in entries]),
+                "saturation": _mean_and_spread([e["saturation"] for e in entries]),
                 **({"seconds": _mean_and_spread([e["seconds"] for e in entries])} if "seconds" in entries[0] else {})}
 
     summary = {"floors": {name: table([c["floors"][name] for c in concepts]) for name in concepts[0]["floors"]}}
@@ -316,7 +327,7 @@ def summarise_fine_tunes(concepts: list[dict]) -> dict:
 def summary_table(summary: dict) -> str:
     """The summary as aligned text: mean (standard deviation over the concept-seed pairs) per figure."""
     columns = {"AS": "AS", "A-ESR 0.6": "A-ESR 0.6", "A-ESR 0.7": "A-ESR 0.7",
-               "best_of_all_candidates_AS": "best-of-N AS", "pixel_AS": "pixel AS"}
+               "best_of_all_candidates_AS": "best-of-N AS", "pixel_AS": "pixel AS", "saturation": "saturation"}
     lines = [f"{'mean (std over concept-seed pairs)':62s}" + "".join(f"{c:>22s}" for c in columns.values())]
     for group, methods in summary.items():
         for name, figures in methods.items():

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lab import proving_ground
@@ -58,9 +59,16 @@ def test_every_method_is_clustered_to_n0_and_scored_with_its_caption(runs):
                                          else "empty" if name.startswith("no caption") else "true")
             assert len(method["clusters"]["centres"]) == N0 and len(method["per_reference"]) == N0
             assert -1 <= method["AS"] <= method["best_of_all_candidates"]["AS"] <= 1
+            assert 0 <= method["saturation"] <= 1
     figure = Image.open(out / "extraction.png")
     rows = 2 + sum(len(b["methods"]) for b in concept["styles"].values())
     assert figure.size[1] == rows * (64 + 4)
+
+
+def test_saturation_is_the_share_of_pixel_values_at_the_range_limits():
+    images = torch.tensor([0.0, 0.5, 1.0, 1.2, -0.1, 0.3, 0.7, 0.99]).reshape(2, 1, 2, 2)  # 4 of 8 at or past a limit
+    assert proving_ground.saturation(images) == 0.5
+    assert proving_ground.saturation(torch.full((1, 3, 4, 4), 0.5)) == 0.0
 
 
 def test_fine_tunes_record_their_memorisation_and_captions_are_read_back_from_the_weights(runs):
