@@ -1,9 +1,11 @@
 """Images of the world: procedural captioned pretraining images and the fine-tuning images from a folder.
 
-Pretraining image: a two-colour gradient background, often with smooth texture, one captioned shape
-("<colour> <shape> on <background colour>") and up to two uncaptioned blobs; colours are jittered so the distribution
-is broad. A tenth of the captions are dropped to the empty caption, as in classifier-free guidance training.
-Every image is a float32 array (3, 32, 32) in [-1, 1]; the same seed gives the same images.
+Pretraining image: a background of one named colour, shaded towards a second, carrying a named texture (plain,
+stripes, checks, dots, grain, clouds or waves, from 2-pixel detail to broad bands), one captioned shape at a named
+place, and up to two uncaptioned blobs; colours, sizes, periods and angles are jittered so the distribution is broad
+and holds both layout and fine detail. Caption: "<colour> <shape> <position> on <colour> <texture>", for example
+"red circle left on blue stripes". A tenth of the captions are dropped to the empty caption, as in classifier-free
+guidance training. Every image is a float32 array (3, 32, 32) in [-1, 1]; the same seed gives the same images.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .text import COLOURS, SHAPES
+from .text import COLOURS, POSITIONS, SHAPES, TEXTURES
 
 RESOLUTION = 32
 EMPTY_CAPTION_RATE = 0.1
@@ -33,68 +35,97 @@ _COLOUR_NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float32)
 _GRID = (np.arange(RESOLUTION, dtype=np.float32) + 0.5) / RESOLUTION  # pixel centres in [0, 1]
 _Y, _X = np.meshgrid(_GRID, _GRID, indexing="ij")
+# Where a shape's centre is drawn for each position word: (x range, y range) in [0, 1] image coordinates.
+_PLACES = {"left": ((0.2, 0.35), (0.3, 0.7)), "right": ((0.65, 0.8), (0.3, 0.7)), "top": ((0.3, 0.7), (0.2, 0.35)),
+           "bottom": ((0.3, 0.7), (0.65, 0.8)), "centre": ((0.4, 0.6), (0.4, 0.6))}
+_FREQUENCY = np.sqrt(np.fft.fftfreq(RESOLUTION)[:, None] ** 2 + np.fft.fftfreq(RESOLUTION)[None] ** 2)
 
 
 def _jittered(rng: np.random.Generator, index: int) -> np.ndarray:
     return np.clip(_PALETTE[index] + rng.normal(0, 0.06, 3), 0, 1).astype(np.float32)
 
 
-def _smooth_field(rng: np.random.Generator, cells: int) -> np.ndarray:
-    """A smooth random field (bilinear interpolation of a cells x cells grid), values about in [-1, 1]."""
-    grid = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
-    pos = _GRID * cells
-    i = np.minimum(pos.astype(int), cells - 1)
-    f = pos - i
-    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]
-    return rows[:, i] * (1 - f)[None] + rows[:, i + 1] * f[None]
+def _rotated(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (in pixels) along and across a random direction."""
+    angle = rng.uniform(0, np.pi)
+    x, y = _X * RESOLUTION, _Y * RESOLUTION
+    return x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
 
 
-def _shape_mask(rng: np.random.Generator, shape: str) -> np.ndarray:
-    cx, cy = rng.uniform(0.25, 0.75, 2)
-    size = rng.uniform(0.15, 0.32)
+def _texture(rng: np.random.Generator, texture: str) -> np.ndarray:
+    """A pattern (32, 32) in [0, 1] for the texture word, at a random scale: 0 keeps the background, 1 is the ink."""
+    if texture == "plain":
+        return np.zeros((RESOLUTION, RESOLUTION), np.float32)
+    if texture == "stripes":
+        u, _ = _rotated(rng)
+        return ((u / rng.uniform(2.0, 8.0) + rng.uniform()) % 1.0 < 0.5).astype(np.float32)
+    if texture == "checks":
+        cell = rng.integers(2, 7)
+        shift = rng.integers(0, cell, 2)
+        rows, columns = np.indices((RESOLUTION, RESOLUTION))
+        return (((rows + shift[0]) // cell + (columns + shift[1]) // cell) % 2).astype(np.float32)
+    if texture == "dots":
+        period = rng.uniform(4.0, 8.0)
+        u, v = _rotated(rng)
+        du, dv = (u / period) % 1.0 - 0.5, (v / period) % 1.0 - 0.5
+        return (du ** 2 + dv ** 2 < rng.uniform(0.04, 0.1)).astype(np.float32)
+    if texture == "grain":
+        return rng.uniform(0, 1, (RESOLUTION, RESOLUTION)).astype(np.float32)
+    if texture == "clouds":  # 1/f^beta noise, the spectrum of natural images
+        spectrum = (rng.normal(size=(RESOLUTION, RESOLUTION)) + 1j * rng.normal(size=(RESOLUTION, RESOLUTION)))
+        spectrum /= np.maximum(_FREQUENCY, 1.0 / RESOLUTION) ** rng.uniform(1.0, 2.0)
+        field = np.real(np.fft.ifft2(spectrum))
+        return ((field - field.min()) / (np.ptp(field) + 1e-8)).astype(np.float32)
+    # waves: a sinusoid along a random direction, bent by a slower one across it
+    u, v = _rotated(rng)
+    bend = rng.uniform(0, 3) * np.sin(2 * np.pi * v / rng.uniform(8, 32))
+    return (0.5 + 0.5 * np.sin(2 * np.pi * (u + bend) / rng.uniform(3.0, 10.0))).astype(np.float32)
+
+
+def _shape_mask(rng: np.random.Generator, shape: str, position: str) -> np.ndarray:
+    (x0, x1), (y0, y1) = _PLACES[position]
+    cx, cy = rng.uniform(x0, x1), rng.uniform(y0, y1)
+    size = rng.uniform(0.12, 0.26)
     dx, dy = _X - cx, _Y - cy
     if shape == "circle":
         return (dx ** 2 + dy ** 2 < size ** 2).astype(np.float32)
     if shape == "ring":
         r = np.sqrt(dx ** 2 + dy ** 2)
         return ((r < size) & (r > size * rng.uniform(0.5, 0.7))).astype(np.float32)
-    if shape == "square":
-        angle = rng.uniform(0, np.pi / 2)
+    if shape in ("square", "diamond"):
+        angle = rng.uniform(-0.3, 0.3) + (np.pi / 4 if shape == "diamond" else 0.0)
         u, v = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
         return ((np.abs(u) < size * 0.85) & (np.abs(v) < size * 0.85)).astype(np.float32)
     if shape == "cross":
         arm = size * 0.3
         return (((np.abs(dx) < arm) & (np.abs(dy) < size)) | ((np.abs(dy) < arm) & (np.abs(dx) < size))).astype(np.float32)
-    if shape == "triangle":
-        v = dy / size  # -1 top .. 1 bottom, apex at the top
-        return ((v > -1) & (v < 1) & (np.abs(dx) < size * (v + 1) / 2)).astype(np.float32)
-    # stripes: a band pattern over the whole image at a random angle and period
-    angle, period = rng.uniform(0, np.pi), rng.uniform(0.12, 0.3)
-    u = _X * np.cos(angle) + _Y * np.sin(angle)
-    return ((u / period) % 1.0 < 0.5).astype(np.float32)
+    v = dy / size  # triangle: -1 top .. 1 bottom, apex at the top
+    return ((v > -1) & (v < 1) & (np.abs(dx) < size * (v + 1) / 2)).astype(np.float32)
 
 
 def procedural_image(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """One pretraining image (3, 32, 32) in [-1, 1] and its full caption (never empty)."""
-    background, second, colour = rng.choice(len(_COLOUR_NAMES), 3, replace=True)
+    background, second, ink, colour = rng.choice(len(_COLOUR_NAMES), 4, replace=True)
     while colour == background:
         colour = rng.integers(len(_COLOUR_NAMES))
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = np.clip((_X - 0.5) * np.cos(angle) + (_Y - 0.5) * np.sin(angle) + 0.5, 0, 1)
-    mix = rng.uniform(0.2, 0.8)  # how far the gradient goes towards the second colour
+    u, _ = _rotated(rng)
+    ramp = np.clip(u / RESOLUTION * rng.uniform(0.5, 1.5), 0, 1)
+    mix = rng.uniform(0.0, 0.5)  # how far the shading goes towards the second colour
     image = (_jittered(rng, background)[:, None, None] * (1 - mix * ramp)
              + _jittered(rng, second)[:, None, None] * (mix * ramp))
-    if rng.random() < 0.5:
-        image = image + rng.uniform(0.05, 0.25) * _smooth_field(rng, int(rng.integers(2, 9)))[None]
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    mask = _shape_mask(rng, shape)
-    image = image * (1 - mask) + _jittered(rng, colour)[:, None, None] * mask
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    strength = rng.uniform(0.3, 0.9) * _texture(rng, texture)
+    image = image * (1 - strength) + _jittered(rng, ink)[:, None, None] * strength
+    shape, position = SHAPES[rng.integers(len(SHAPES))], POSITIONS[rng.integers(len(POSITIONS))]
+    mask = _shape_mask(rng, shape, position)
+    fill = _jittered(rng, colour)[:, None, None] * (1 - rng.uniform(0, 0.4) * ramp)  # a little shading
+    image = image * (1 - mask) + fill * mask
     for _ in range(rng.integers(0, 3)):  # uncaptioned clutter
         cx, cy, rx, ry = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.04, 0.12), rng.uniform(0.04, 0.12)
         blob = (((_X - cx) / rx) ** 2 + ((_Y - cy) / ry) ** 2 < 1).astype(np.float32)
         image = image * (1 - blob) + rng.uniform(0, 1, 3).astype(np.float32)[:, None, None] * blob
     image = image + rng.normal(0, 0.01, image.shape)
-    caption = f"{_COLOUR_NAMES[colour]} {shape} on {_COLOUR_NAMES[background]}"
+    caption = f"{_COLOUR_NAMES[colour]} {shape} {position} on {_COLOUR_NAMES[background]} {texture}"
     return (np.clip(image, 0, 1) * 2 - 1).astype(np.float32), caption
 
 

@@ -27,7 +27,9 @@ from .training import LOG, FineTuneSettings, PretrainSettings, fine_tune, pretra
 from .data import images_digest
 from .unet import UNetConfig, WorldUNet
 
-FORMAT_VERSION = 3  # 2: the UNet adds the schedule's skip term; 3: training threads are part of the spec
+# 2: the UNet adds the schedule's skip term; 3: training threads are part of the spec; 4: self- and cross-attention
+# at 32x32 (no folding to 16x16), textured pretraining data with 6-word captions
+FORMAT_VERSION = 4
 SPEC_FILE = "world.json"
 WEIGHTS_FILE = "pretrained.safetensors"
 

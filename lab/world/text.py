@@ -17,11 +17,13 @@ COLOURS = {
     "purple": (0.50, 0.18, 0.65), "pink": (0.95, 0.55, 0.70), "white": (0.95, 0.95, 0.95),
     "black": (0.06, 0.06, 0.06), "brown": (0.45, 0.28, 0.12), "grey": (0.50, 0.50, 0.50),
 }
-SHAPES = ("circle", "square", "stripes", "ring", "triangle", "cross")
+SHAPES = ("circle", "square", "ring", "triangle", "cross", "diamond")
+POSITIONS = ("left", "right", "top", "bottom", "centre")  # where the captioned shape sits
+TEXTURES = ("plain", "stripes", "checks", "dots", "grain", "clouds", "waves")  # the background's pattern
 # Never seen in pretraining: the identifiers of fine-tuning concepts ("a sks photo"), like DreamBooth's rare tokens.
 RARE_TOKENS = ("sks", "zwx", "qlt", "vrn", "pqd", "tgm", "bxk", "mfy")
 SPECIAL = ("<pad>", "<bos>", "<eos>")
-VOCABULARY = SPECIAL + tuple(COLOURS) + SHAPES + ("on", "a", "photo") + RARE_TOKENS
+VOCABULARY = SPECIAL + tuple(COLOURS) + SHAPES + POSITIONS + TEXTURES + ("on", "a", "photo") + RARE_TOKENS
 CONTEXT_LENGTH = 8
 
 

@@ -153,11 +153,11 @@ class FineTuneSettings:
 # training stops once MemorisationProbe's fraction (0 = pretrained, 1 = the ideal memoriser of the N0 images) reaches
 # the target. Steps are per the whole N0-image batch and are a cap; a fine-tune that cannot reach its target in them
 # says so in its record. Rates are the highest measured to stay stable, so that targets are reached within the CPU
-# budget. The rank-8 LoRA on the attention projections (the paper's diffusers LoRA) plateaus near 0.05 on photos:
-# measured on 5 photos in the 700-step world, rank 16 reached 0.04 and attention + MLP + proj_in/out 0.06 after 400
-# steps; low-rank adapters on every linear and conv layer of the blocks (LoCon) 0.18 after 1,000 steps (rank 8) and
-# 0.21 after 800 (rank 24), unstable above lr 2e-3. This UNet keeps its spatial detail in convolutions (no attention
-# at 32x32), so no adapter on attention alone reaches partial memorisation within the budget.
+# budget. In the world with attention at 32x32 (format 4, pretrained 1,000 steps) the rank-8 LoRA on the attention
+# projections (the paper's diffusers LoRA) reaches 0.19 after 600 steps and 0.22 after 1,000 on 5 photos (0.24 and
+# 0.26 on 3), rank 4 0.20 after 600, and diverges at lr 1e-2 (with or without gradient clipping); the full fine-tune
+# reaches 0.40 after 400 steps and 0.68 after 1,000. The world before it, with no attention at 32x32, held the LoRA
+# near 0.05. Partial memorisation (0.4) by the attention LoRA within its cap is not reached yet.
 MEMORISATION_TARGETS = {"light": 0.2, "partial": 0.4, "saturated": 0.7}
 STRENGTHS = {
     "dreambooth": {name: FineTuneSettings(1500, 5e-4, target_memorisation=target)

@@ -1,13 +1,15 @@
-"""A small eps-prediction UNet with cross-attention, laid out like Stable Diffusion's so its layers have SD's names.
+"""A small eps-prediction UNet with self- and cross-attention at every resolution, laid out like Stable Diffusion's so
+its layers have SD's names.
 
-Attention layers are ``<block>.transformer_blocks.0.attn1`` (self) and ``attn2`` (cross, keys and values from the
-text encoder), each with ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``. ComfyUI's LoRA loader therefore addresses them
-with kohya keys such as ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q``.
+Levels at 32x32, 16x16 and 8x8 (``UNetConfig.channels``), each with one ResBlock and one SpatialTransformer on the way
+down and on the way up, and a middle block at 8x8, as SD's UNet has at its 64x64, 32x32 and 16x16 latents. Attention
+layers are ``<block>.transformer_blocks.0.attn1`` (self) and ``attn2`` (cross, keys and values from the text
+encoder), each with ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``, so ComfyUI's LoRA loader addresses them with kohya
+keys such as ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q``. Attention at the full resolution
+matters: it is where an adapter on the attention projections (the paper's LoRA) reaches the fine detail of an image.
 
 Inputs follow the DDPM convention ComfyUI uses for EPS models: ``x`` is sqrt(abar) x0 + sqrt(1 - abar) eps,
 ``timesteps`` is the (possibly fractional) training step in [0, 1000), ``context`` is the caption's token sequence.
-To stay cheap on a CPU the 32x32 image is folded into 16x16 with 4x the channels (pixel unshuffle) and the network
-works at 16x16 and 8x8, unfolding only at the end.
 """
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ DATA_VARIANCE = 0.25
 @dataclass(frozen=True)
 class UNetConfig:
     image_channels: int = 3
-    channels: tuple[int, ...] = (24, 48)  # at 16x16 and 8x8; sized so a default proving-ground run fits a 2-core CPU
+    channels: tuple[int, ...] = (16, 32, 64)  # at 32x32, 16x16, 8x8
     context_dim: int = 64
-    heads: int = 4
+    head_channels: int = 16  # channels per attention head (SD 2.x's num_head_channels)
+    # Self-attention per level reads its keys and values from a k x k average-pooled copy of its tokens (1: all of
+    # them), as token downsampling (ToDo, Smith et al. 2024) does at SD's highest resolutions: full 1024-token
+    # attention at 32x32 would cost more than the rest of the network on a CPU.
+    key_pooling: tuple[int, ...] = (4, 1, 1)
     time_dim: int = 128
 
     def to_dict(self) -> dict:
@@ -38,7 +44,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "UNetConfig":
         values = dict(values)
-        values["channels"] = tuple(values["channels"])
+        values["channels"], values["key_pooling"] = tuple(values["channels"]), tuple(values["key_pooling"])
         return cls(**values)
 
 
@@ -83,40 +89,73 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """SD's block: self-attention (attn1, left out at 16x16 where it costs most), cross-attention (attn2), MLP."""
+    """SD's BasicTransformerBlock: self-attention (attn1), cross-attention (attn2), MLP (ff), each pre-norm residual.
 
-    def __init__(self, dim: int, context_dim: int, heads: int, self_attention: bool):
+    ``key_pooling`` > 1: attn1's keys and values come from the normalised tokens average-pooled k x k on their grid.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, key_pooling: int):
         super().__init__()
+        self.key_pooling = key_pooling
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, dim, heads) if self_attention else None
+        self.attn1 = Attention(dim, dim, heads)
         self.attn2 = Attention(dim, context_dim, heads)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.attn1 is not None:
-            x = x + self.attn1(self.norm1(x))
+    def _keys(self, normed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The tokens attn1 reads its keys and values from: ``normed`` (B, H*W, C) itself, or pooled on its grid."""
+        if self.key_pooling == 1:
+            return normed
+        b, _, d = normed.shape
+        pooled = F.avg_pool2d(normed.transpose(1, 2).reshape(b, d, *grid), self.key_pooling)
+        return pooled.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        normed = self.norm1(x)
+        x = x + self.attn1(normed, self._keys(normed, grid))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, context_dim: int, heads: int, self_attention: bool = True):
+    def __init__(self, channels: int, context_dim: int, head_channels: int, key_pooling: int):
         super().__init__()
         self.norm = nn.GroupNorm(8, channels)
         self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, context_dim, heads, self_attention)])
+        heads = max(1, channels // head_channels)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, context_dim, heads, key_pooling)])
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, (h, w))
         return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
 
 
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x, then a conv that already narrows to the next level's width (cheaper at the higher resolution)."""
+
+    def __init__(self, channels_in: int, channels_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels_in, channels_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
 class WorldUNet(nn.Module):
-    """eps(x_t, t, context) for 32x32 images: ResBlock + SpatialTransformer at 16x16 and 8x8, with skip links.
+    """eps(x_t, t, context) for 32x32 images: ResBlock + SpatialTransformer per level down and up, with skip links.
 
     The prediction is skip(t) * x_t + network(x_t, t, context), where skip(t) x_t is E[eps | x_t] for Gaussian pixels
     of variance DATA_VARIANCE (a fixed function of the schedule, no weights). The network learns only what that
@@ -127,27 +166,37 @@ class WorldUNet(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod().float(), persistent=False)
-        c16, c8 = config.channels
-        td, cd, heads = config.time_dim, config.context_dim, config.heads
+        channels, td, cd, hc = config.channels, config.time_dim, config.context_dim, config.head_channels
+        pooling = config.key_pooling
         self.time_embed = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
         self.context_embed = nn.Linear(cd, td)  # pooled caption, added to the time embedding (global conditioning)
-        self.input_blocks = nn.ModuleList([
-            nn.ModuleList([nn.Conv2d(4 * config.image_channels, c16, 3, padding=1)]),
-            nn.ModuleList([ResBlock(c16, c16, td), SpatialTransformer(c16, cd, heads, self_attention=False)]),
-            nn.ModuleList([nn.Conv2d(c16, c8, 3, stride=2, padding=1)]),
-            nn.ModuleList([ResBlock(c8, c8, td), SpatialTransformer(c8, cd, heads)]),
-        ])
-        self.middle_block = nn.ModuleList([ResBlock(c8, c8, td), SpatialTransformer(c8, cd, heads)])
-        self.output_blocks = nn.ModuleList([
-            nn.ModuleList([ResBlock(2 * c8, c8, td), SpatialTransformer(c8, cd, heads),
-                           nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c8, c16, 3, padding=1))]),
-            nn.ModuleList([ResBlock(2 * c16, c16, td), SpatialTransformer(c16, cd, heads, self_attention=False)]),
-        ])
-        self.out_norm = nn.Sequential(nn.GroupNorm(8, c16), nn.SiLU())
-        # The output also sees the (folded) input directly, as SD's last block sees its first conv: near-pure noise,
-        # where eps is almost x itself, is then one linear map away instead of a path through every block.
-        self.out = nn.Sequential(nn.Conv2d(c16 + 4 * config.image_channels, 4 * config.image_channels, 3, padding=1),
-                                 nn.PixelShuffle(2))
+        # SD's numbering: input_blocks.0 is the first conv, then per level [ResBlock, SpatialTransformer] and, between
+        # levels, [Downsample]; output_blocks per level from the lowest [ResBlock, SpatialTransformer(, Upsample)].
+        first_conv = nn.Conv2d(config.image_channels, channels[0], 3, padding=1)
+        self.input_blocks = nn.ModuleList([nn.ModuleList([first_conv])])
+        previous = channels[0]
+        for level, width in enumerate(channels):
+            if level:
+                self.input_blocks.append(nn.ModuleList([Downsample(previous)]))
+            self.input_blocks.append(nn.ModuleList([ResBlock(previous, width, td),
+                                                    SpatialTransformer(width, cd, hc, pooling[level])]))
+            previous = width
+        self.middle_block = nn.ModuleList([ResBlock(previous, previous, td),
+                                           SpatialTransformer(previous, cd, hc, pooling[-1]),
+                                           ResBlock(previous, previous, td)])
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(channels))):
+            width = channels[level]
+            blocks = [ResBlock(previous + width, width, td), SpatialTransformer(width, cd, hc, pooling[level])]
+            if level:
+                blocks.append(Upsample(width, channels[level - 1]))
+                width = channels[level - 1]
+            self.output_blocks.append(nn.ModuleList(blocks))
+            previous = width
+        self.out = nn.Sequential(nn.GroupNorm(8, previous), nn.SiLU())
+        # The last conv also sees the input itself, as SD's last block sees its first conv: near-pure noise, where eps
+        # is almost x, is then one linear map away instead of a path through every block.
+        self.out_conv = nn.Conv2d(previous + config.image_channels, config.image_channels, 3, padding=1)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -171,8 +220,7 @@ class WorldUNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         timesteps = timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1 else timesteps.reshape(-1)
         emb = self.time_embed(timestep_embedding(timesteps, self.config.time_dim)) + self.context_embed(context.mean(dim=1))
-        folded = F.pixel_unshuffle(x, 2)
-        h, skips = folded, []
+        h, skips = x, []
         for blocks in self.input_blocks:
             h = self._run(blocks, h, emb, context)
             if isinstance(blocks[0], ResBlock):
@@ -180,4 +228,4 @@ class WorldUNet(nn.Module):
         h = self._run(self.middle_block, h, emb, context)
         for blocks in self.output_blocks:
             h = self._run(blocks, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.skip(timesteps) * x + self.out(torch.cat([self.out_norm(h), folded], dim=1))
+        return self.skip(timesteps) * x + self.out_conv(torch.cat([self.out(h), x], dim=1))

@@ -5,16 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.tiny_world import TINY_WORLD as TINY
 from lab import nodes
 from lab.world import store
 from lab.world.similarity import highpass_embeddings
-from lab.world.text import TextConfig, concept_caption
-from lab.world.training import (FineTuneSettings, PretrainSettings, attention_projection_names,
+from lab.world.text import concept_caption
+from lab.world.training import (FineTuneSettings, attention_projection_names,
                                             merge_lora)
-from lab.world.unet import UNetConfig
 
-TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
-                       text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
 CAPTION = concept_caption(0)
 STYLES = {"dreambooth": FineTuneSettings(steps=3, lr=1e-2), "lora": FineTuneSettings(steps=3, lr=5e-2, rank=2)}
 

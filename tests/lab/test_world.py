@@ -7,19 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.tiny_world import TINY_WORLD as TINY
 from lab.world import store
 from lab.world.caption import recover_caption, text_encoder_access
 from lab.world.data import (default_image_paths, load_image, procedural_batch,
                                         split_concepts)
 from lab.world.similarity import highpass_embeddings, pixel_embeddings
-from lab.world.text import CONTEXT_LENGTH, TextConfig, VOCABULARY, concept_caption, tokenize
+from lab.world.text import CONTEXT_LENGTH, VOCABULARY, concept_caption, tokenize
 from lab.world.training import (MEMORISATION_CHECK_EVERY, FineTuneSettings, MemorisationProbe,
                                             PretrainSettings, attention_projection_names, diffusion_loss, fine_tune,
                                             kohya_key, merge_lora)
-from lab.world.unet import UNetConfig
-
-TINY = store.WorldSpec(seed=3, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
-                       text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
+from lab.world.unet import TransformerBlock
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,7 @@ def test_procedural_data_is_seeded_and_in_range():
     assert first.shape == (16, 3, 32, 32) and first.dtype == np.float32
     assert np.array_equal(first, again) and captions == captions_again
     assert first.min() >= -1 and first.max() <= 1
-    assert all(c == "" or len(c.split()) == 4 for c in captions)
+    assert all(c == "" or len(c.split()) == 6 for c in captions)
 
 
 def test_concepts_take_consecutive_files():
@@ -61,14 +59,56 @@ def test_default_images_are_distinct_pictures_on_the_worlds_descriptor():
     assert len(paths) == 24
 
 
-def test_unet_predicts_an_image_shaped_eps_and_names_attention_like_sd(tiny_world):
+def test_unet_predicts_an_image_shaped_eps_with_self_and_cross_attention_at_every_resolution(tiny_world):
     x = torch.randn(2, 3, 32, 32)
     context = tiny_world.text_encoder.encode(concept_caption(1)).expand(2, -1, -1)
+    tokens_seen = {}
+
+    def record(name):
+        def hook(_, inputs, __):
+            tokens_seen[name] = (inputs[0].shape[1], inputs[1].shape[1])
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in tiny_world.unet.named_modules()
+             if name.endswith((".attn1", ".attn2"))]
     with torch.no_grad():
         assert tiny_world.unet(x, torch.tensor([10.0, 900.0]), context).shape == x.shape
+    for hook in hooks:
+        hook.remove()
     names = attention_projection_names(tiny_world.unet)
     assert "input_blocks.1.1.transformer_blocks.0.attn2.to_q" in names
     assert "middle_block.1.transformer_blocks.0.attn1.to_out.0" in names
+    # (image tokens, tokens attended to) per layer: 32x32 queries read 8x8 pooled keys (TINY pools 4x4 there), the
+    # lower levels every token; cross-attention reads the caption's CONTEXT_LENGTH rows. Down and up at each level.
+    block = "{}.transformer_blocks.0.{}"
+    for level, (path_down, path_up, tokens, keys) in enumerate([("input_blocks.1.1", "output_blocks.2.1", 1024, 64),
+                                                                 ("input_blocks.3.1", "output_blocks.1.1", 256, 256),
+                                                                 ("input_blocks.5.1", "output_blocks.0.1", 64, 64)]):
+        for path in (path_down, path_up):
+            assert tokens_seen[block.format(path, "attn1")] == (tokens, keys), (level, path)
+            assert tokens_seen[block.format(path, "attn2")] == (tokens, CONTEXT_LENGTH), (level, path)
+    assert tokens_seen[block.format("middle_block.1", "attn1")] == (64, 64)
+
+
+def test_pooled_self_attention_is_softmax_attention_over_the_average_pooled_tokens():
+    """attn1 with key_pooling 2, against a hand-written loop over the query tokens."""
+    torch.manual_seed(0)
+    layer = TransformerBlock(dim=8, context_dim=4, heads=2, key_pooling=2).eval()
+    tokens = torch.randn(1, 16, 8)  # a 4x4 grid, row-major as SpatialTransformer flattens it
+    normed = layer.norm1(tokens)[0]
+    grid = normed.reshape(4, 4, 8)
+    pooled = torch.stack([grid[r:r + 2, c:c + 2].reshape(4, 8).mean(0) for r in (0, 2) for c in (0, 2)])
+    attention = layer.attn1
+    q, k, v = normed @ attention.to_q.weight.T, pooled @ attention.to_k.weight.T, pooled @ attention.to_v.weight.T
+    heads = []
+    for head in range(2):
+        columns = slice(4 * head, 4 * head + 4)
+        heads.append(torch.stack([torch.softmax(k[:, columns] @ q[i, columns] / 2.0, dim=0) @ v[:, columns]
+                                  for i in range(16)]))
+    expected = torch.cat(heads, dim=1) @ attention.to_out[0].weight.T + attention.to_out[0].bias
+    with torch.no_grad():
+        assert torch.allclose(attention(layer.norm1(tokens), layer._keys(layer.norm1(tokens), (4, 4)))[0], expected,
+                              atol=1e-5)
 
 
 def test_same_spec_same_world_and_the_cache_is_reused(tiny_world, tmp_path):
@@ -89,7 +129,7 @@ def test_lora_fine_tune_has_kohya_keys_for_every_attention_projection(tiny_world
     expected = {kohya_key(p) for p in attention_projection_names(tiny_world.unet)}
     assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora} == expected
     key = kohya_key("input_blocks.1.1.transformer_blocks.0.attn2.to_k")
-    assert lora[f"{key}.lora_down.weight"].shape == (2, 32) and lora[f"{key}.lora_up.weight"].shape == (16, 2)
+    assert lora[f"{key}.lora_down.weight"].shape == (2, 32) and lora[f"{key}.lora_up.weight"].shape == (8, 2)
     assert float(lora[f"{key}.alpha"]) == 2.0
     merged = merge_lora(tiny_world.unet, lora)
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([500.0])
