@@ -33,8 +33,8 @@ class UNetConfig:
     context_dim: int = 64
     head_channels: int = 16  # channels per attention head (SD 2.x's num_head_channels)
     # Self-attention per level reads its keys and values from a k x k average-pooled copy of its tokens (1: all of
-    # them), as token downsampling (ToDo, Smith et al. 2024) does at SD's highest resolutions: full 1024-token
-    # attention at 32x32 would cost more than the rest of the network on a CPU.
+    # them), as token downsampling (ToDo, Smith et al. 2024) does at SD's highest resolutions. Pooled is the world
+    # whose memorisation was measured; full attention at 32x32 costs 1.15x per training step (side by side).
     key_pooling: tuple[int, ...] = (4, 1, 1)
     time_dim: int = 128
 
