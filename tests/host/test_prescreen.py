@@ -1,18 +1,19 @@
 """Memorisation Pre-screen in the real host, on a tiny world: its score against the same quantity computed
 directly from ComfyUI's denoiser (apply_model at x = sigma * noise), 0 for two copies of one model."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from fixtures.tiny_world import TINY_WORLD
 from lab import nodes as world_nodes
 from lab.world import store
-from lab.world.text import TextConfig, concept_caption
-from lab.world.training import FineTuneSettings, PretrainSettings
-from lab.world.unet import UNetConfig
+from lab.world.text import concept_caption
+from lab.world.training import FineTuneSettings
 
-TINY = store.WorldSpec(seed=5, unet=UNetConfig(channels=(16, 32), context_dim=32, heads=2, time_dim=32),
-                       text=TextConfig(dim=32, layers=1, heads=2), pretraining=PretrainSettings(steps=3, batch=4))
+TINY = dataclasses.replace(TINY_WORLD, seed=5)
 CAPTION = concept_caption(0)
 
 
