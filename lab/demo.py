@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 # ---------------------------------------------------------------------------------------------- the demo world
-PRETRAINING_STEPS = 300  # the proving ground's world takes 1,500; this one must build in a few minutes on 2 cores
+PRETRAINING_STEPS = 600  # the proving ground's world takes more; this one must build in about 5 minutes on 2 cores
+TRAINING_THREADS = 2  # part of the world's spec and of the fine-tunes' settings (they change the weights' last bits)
 WORLD_LINK = "finextract_demo_world"  # the world's folder as it appears in ComfyUI's model lists
 REFERENCES = "demo_fine_tuning_images"  # under ComfyUI's input folder
 
@@ -52,12 +53,11 @@ class DemoWorld:
     fine_tunes: dict[str, str]  # style -> path of the fine-tune file
 
 
-def demo_world_spec(pretraining_steps: int):
+def demo_world_spec(pretraining_steps: int, seed: int = 0):
     from .world.store import WorldSpec
     from .world.training import PretrainSettings
 
-    # One training thread: the demo's figures in the README were measured on the weights it gives.
-    return WorldSpec(seed=0, pretraining=PretrainSettings(steps=pretraining_steps, threads=1))
+    return WorldSpec(seed=seed, pretraining=PretrainSettings(steps=pretraining_steps, threads=TRAINING_THREADS))
 
 
 def fine_tune_settings(steps: int | None) -> dict:
@@ -68,20 +68,20 @@ def fine_tune_settings(steps: int | None) -> dict:
 
     from .world.training import STRENGTHS
 
-    saturated = {style: replace(STRENGTHS[style]["saturated"], threads=1) for style in ("dreambooth", "lora")}
+    saturated = {style: replace(STRENGTHS[style]["saturated"], threads=TRAINING_THREADS) for style in ("dreambooth", "lora")}
     return {style: settings if steps is None else replace(settings, steps=min(steps, settings.steps))
             for style, settings in saturated.items()}
 
 
 def build_demo_world(cache: str, n0: int, pretraining_steps: int, fine_tune_steps: int | None,
-                     progress) -> DemoWorld:
+                     progress, world_seed: int = 0) -> DemoWorld:
     """The world and its two fine-tunes, built once (the same spec gives the same weights) and reused from
     ``cache/<spec digest>``."""
     import numpy as np
     from .world import data, store
     from .world.text import concept_caption
 
-    spec = demo_world_spec(pretraining_steps)
+    spec = demo_world_spec(pretraining_steps, world_seed)
     folder = os.path.join(cache, spec.digest())
     cached = os.path.exists(os.path.join(folder, store.SPEC_FILE))
     with progress.ticking(f"demo world: reusing {folder}" if cached else
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n0", type=int, default=3, help="fine-tuning photos (N0); N = 50 x N0 candidates")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--pretraining-steps", type=int, default=PRETRAINING_STEPS)
+    parser.add_argument("--world-seed", type=int, default=0, help="the world's seed (its initial weights and "
+                        "pretraining data); another seed is another world, to check that a result is not one world's luck")
     parser.add_argument("--fine-tune-steps", type=int, help="cap on fine-tuning steps (default: the proving "
                         "ground's 'saturated' strength)")
     opts = parser.parse_args(argv)
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="             %(message)s", stream=sys.stdout)
 
     demo = build_demo_world(os.path.abspath(opts.cache), opts.n0, opts.pretraining_steps, opts.fine_tune_steps,
-                            progress)
+                            progress, opts.world_seed)
     os.makedirs(os.path.join(comfy_base, "models", "diffusion_models"), exist_ok=True)
     os.makedirs(os.path.join(comfy_base, "models", "loras"), exist_ok=True)
     os.makedirs(os.path.join(comfy_base, "input"), exist_ok=True)
