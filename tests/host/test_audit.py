@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from fixtures.audit_inputs import N0, build_inputs
 from fixtures.audit_runs import bank_shards, start_and_wait_for_a_bank_batch
-from tools.host.comfy_server import REPO_ROOT, read_host_env
+from tools.host.comfy_server import REPO_ROOT, ComfyServer, read_host_env
 
 SETTINGS = ["--candidates-per-image", "8", "--max-candidates", "20", "--steps", "8", "--batch-size", "4",
             "--prescreen"]
@@ -114,6 +114,29 @@ def test_a_second_run_skips_finished_models_and_writes_the_same_bytes(inputs, fi
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     done = [row for row in json.loads(first["index.json"])["models"] if row["status"] == "done"]
     assert again.stdout.count("finished in an earlier run") == len(done)
+    assert index_bytes(out) == first
+
+
+def test_a_running_server_given_by_url_writes_the_same_index(inputs, first_run, tmp_path):
+    """--server URL: a ComfyUI started by its owner, not by the command, listing the models, bases and references
+    in its own extra_model_paths.yaml (as docs/audit.md tells a user to) and saving into the audit's folder."""
+    _, _, first = first_run
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    folders = tmp_path / "owner_paths.yaml"
+    folders.write_text(f"owner:\n  base_path: {tmp_path}\n  loras: {inputs['models']}\n"
+                       f"  checkpoints: |\n    {inputs['bases']}\n    {inputs['models']}\n"
+                       f"  diffusion_models: |\n    {inputs['bases']}\n    {inputs['models']}\n"
+                       f"  finextract_references: {inputs['references']}\n")
+    options = ("--output-directory", out, "--extra-model-paths-config", str(folders))
+    with ComfyServer(str(tmp_path / "comfy"), options=options) as server:
+        command = audit_command(inputs, out)
+        at = command.index("--comfyui")
+        command[at:at + 5] = ["--server", server.url]  # no ComfyUI, Python or server arguments of its own
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env=audit_env())
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "starting ComfyUI" not in done.stdout
+    assert not os.path.exists(os.path.join(out, "server.json"))
     assert index_bytes(out) == first
 
 
