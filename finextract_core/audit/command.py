@@ -281,7 +281,21 @@ def base_groups(items: list, base_of, weight_of, workers: int) -> list[list]:
     return sorted(groups, key=lambda group: -sum(weight_of(item) for item in group))
 
 
-class AuditWorker:
+class RowMaker:
+    """What the run and each worker share: the index rows they make (``rows``) and their progress lines (``log``)."""
+
+    rows: dict[str, dict]
+
+    def log(self, message: str) -> None:
+        raise NotImplementedError
+
+    def skip(self, name: str, status: str, reason: str, leads: dict | None = None) -> None:
+        """The index row of a model that is not extracted, with the reason, logged."""
+        self.rows[name] = {"model": name, "status": status, "reason": reason, "evidence": leads or {}}
+        self.log(f"{name}: {status}: {reason}")
+
+
+class AuditWorker(RowMaker):
     """What one ComfyUI server does for the audit, a group of jobs at a time: read LoRAs' keys against their base,
     pre-screen, fill index ranges of banks, extract. The single-machine command has one (LocalWorkers); a Ray
     cluster has one in each actor (audit.ray_cluster). Each call returns the index rows it made."""
@@ -299,10 +313,6 @@ class AuditWorker:
 
     def log(self, message: str) -> None:
         log_line(self.started, message, self.name)
-
-    def skip(self, name: str, status: str, reason: str, leads: dict | None = None) -> None:
-        self.rows[name] = {"model": name, "status": status, "reason": reason, "evidence": leads or {}}
-        self.log(f"{name}: {status}: {reason}")
 
     def made_rows(self) -> dict[str, dict]:
         rows, self.rows = self.rows, {}
@@ -454,7 +464,7 @@ def job_of(item) -> Job:
     return item[2] if isinstance(item[2], Job) else item[0]
 
 
-class Audit:
+class Audit(RowMaker):
     def __init__(self, opts):
         self.opts = opts
         self.out = os.path.abspath(opts.out)
@@ -468,10 +478,6 @@ class Audit:
 
     def write_index(self, progress: str) -> None:
         write_index(self.out, index_content(list(self.rows.values()), self.references, (LOOSE, STRICT), progress))
-
-    def skip(self, name: str, status: str, reason: str, leads: dict | None = None) -> None:
-        self.rows[name] = {"model": name, "status": status, "reason": reason, "evidence": leads or {}}
-        self.log(f"{name}: {status}: {reason}")
 
     def workers(self, roots: list[str]):
         """The servers the run drives: one here, or a Ray cluster's (--ray; the engine is imported only then)."""
