@@ -23,7 +23,7 @@ from ..finextract_core import sscd
 from ..finextract_core.bank import CandidateBank, CandidateStepNoise, candidate_noise, candidate_seed, fingerprint
 from ..finextract_core.embeddings import Embeddings
 from .embedding import NO_FILE, SSCD_FOLDER, embed_managed, load_sscd, missing_file_message, validate_model_file
-from .guider import build_guider
+from .guider import MODEL_SAMPLING, build_guider
 from .paths import BANK_FOLDER, resolve_folder, validate_folder
 from .report import NO_FILE as NO_MODEL_FILE
 from .sampling import _guidance_inputs, describe_run, sample_with_guider, sampling_inputs
@@ -61,7 +61,7 @@ def schedule_identity(patcher) -> dict:
     """The sampling schedule where a node replaced the model's own (ModelSamplingFlux, ModelSamplingSD3, ...: their
     shift changes every sigma): its classes and buffers. Empty otherwise, since the model's own schedule follows from
     its weights and config, so that banks made before this field existed keep their key."""
-    schedule = patcher.object_patches.get("model_sampling")
+    schedule = patcher.object_patches.get(MODEL_SAMPLING)
     if schedule is None:
         return {}
     classes = [cls.__name__ for cls in type(schedule).__mro__ if cls.__module__.startswith("comfy")]
@@ -194,7 +194,7 @@ def candidate_step_noise(sampler_name: str, seed: int, indices: list[int], shape
     if sampler_name not in BROWNIAN_TREE_SAMPLERS:
         return CandidateStepNoise(seed, indices, shape, device=patcher.load_device)
     seeds = [candidate_seed(seed, i, "steps") for i in indices]
-    sigma_max = float(patcher.get_model_object("model_sampling").sigma_max)
+    sigma_max = float(patcher.get_model_object(MODEL_SAMPLING).sigma_max)
     return BrownianTreeNoiseSampler(torch.zeros((len(indices), *shape)), 0.0, sigma_max, seed=seeds, cpu=True)
 
 

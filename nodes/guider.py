@@ -53,7 +53,7 @@ _POST_CFG_FUNCTIONS = "sampler_post_cfg_function"
 _CFG_PATCHES = (_CFG_FUNCTION, _PRE_CFG_FUNCTIONS, _POST_CFG_FUNCTIONS)
 _NO_CFG1_SHORTCUT = "disable_cfg1_optimization"
 # The object that holds the sigma schedule (ModelSamplingFlux, ModelSamplingSD3 and the like replace it).
-_MODEL_SAMPLING = "model_sampling"
+MODEL_SAMPLING = "model_sampling"
 # Replaces ComfyUI's batching of the model calls, which the guider does itself: refused.
 _CALC_COND_BATCH_FUNCTION = "sampler_calc_cond_batch_function"
 
@@ -217,8 +217,8 @@ def pair_models(fine_tuned, pretrained, allow_side_branch: bool = True) -> Model
             "LoraLoaderModelOnly, to 'fine_tuned'."
         )
     # The schedule (model_sampling) is taken from the fine-tuned MODEL by the guider; other object patches are not.
-    own_objects = fine_tuned.object_patches.keys() - {_MODEL_SAMPLING}
-    if own_objects != pretrained.object_patches.keys() - {_MODEL_SAMPLING}:
+    own_objects = fine_tuned.object_patches.keys() - {MODEL_SAMPLING}
+    if own_objects != pretrained.object_patches.keys() - {MODEL_SAMPLING}:
         LOG.warning("finextract: the fine-tuned MODEL has object patches the pretrained one lacks; they are not applied "
                     "to the fine-tuned branch when the two share a base model")
     reason = "the side branch was turned off"
@@ -302,9 +302,9 @@ class Guider_ModelGuidance(comfy.samplers.CFGGuider):
                     patcher.model_options[key] = list(value) if isinstance(value, list) else value
             # The sampling schedule is the fine-tuned MODEL's, as on the DreamBooth path (a ModelSamplingFlux /
             # ModelSamplingSD3 shift put on the LoRA's path only would otherwise be lost on the shared base).
-            schedule = pair.fine_tuned.get_model_object(_MODEL_SAMPLING)
-            if schedule is not pair.pretrained.get_model_object(_MODEL_SAMPLING):
-                patcher.add_object_patch(_MODEL_SAMPLING, schedule)
+            schedule = pair.fine_tuned.get_model_object(MODEL_SAMPLING)
+            if schedule is not pair.pretrained.get_model_object(MODEL_SAMPLING):
+                patcher.add_object_patch(MODEL_SAMPLING, schedule)
             if self.side_branch is not None:
                 patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
                                              self.side_branch.apply_model_wrapper)

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..finextract_core.audit.prescreen import (DEFAULT_SAMPLES, LEVELS, LevelDeparture, eps_departure,
                                                prescreen_noise, prescreen_score)
-from .guider import pair_models
+from .guider import MODEL_SAMPLING, pair_models
 
 CATEGORY = "FineXtract/audit"
 
@@ -68,7 +68,7 @@ class MemorisationPrescreen(io.ComfyNode):
         pair_models(fine_tuned, pretrained)  # the same MODEL twice, two families, or a LoRA that patches nothing
         shape = tuple(comfy.sample.fix_empty_latent_channels(fine_tuned, latent_image["samples"]).shape[1:])
         noise = prescreen_noise(seed, samples, shape)
-        sampling = fine_tuned.get_model_object("model_sampling")
+        sampling = fine_tuned.get_model_object(MODEL_SAMPLING)
         sigmas = [float(sampling.percent_to_sigma(percent)) for percent in LEVELS]
         # Each model evaluates every level in turn, so a LoRA's patches are applied and removed once.
         tuned = [denoised_at(fine_tuned, positive, noise, sigma, seed) for sigma in sigmas]
