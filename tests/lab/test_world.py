@@ -149,6 +149,38 @@ def test_dreambooth_fine_tune_is_deterministic_and_leaves_the_base_alone(tiny_wo
     assert any(not torch.equal(before[k], runs[0][k]) for k in before)
 
 
+def test_repeats_put_every_image_in_each_step_that_many_times(tiny_world):
+    """kohya's per-image repeats: two repeats of two images train as one repeat of the four-image list [a, b, a, b]."""
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    settings = FineTuneSettings(steps=3, lr=1e-2, rank=2)
+    repeated = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
+                         dataclasses.replace(settings, repeats=2), TINY.schedule, seed=0)
+    listed_twice = fine_tune(tiny_world.unet, tiny_world.text_encoder, torch.cat([images, images]), concept_caption(0),
+                             settings, TINY.schedule, seed=0)
+    once = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0), settings, TINY.schedule,
+                     seed=0)
+    assert all(torch.equal(repeated[k], listed_twice[k]) for k in repeated)
+    assert any(not torch.equal(repeated[k], once[k]) for k in repeated)
+
+
+def test_cosine_decay_halves_the_second_of_two_steps(tiny_world):
+    """Over 2 steps the cosine rate is lr, then lr (1 + cos(pi / 2)) / 2 = lr / 2. Both runs take the same first
+    step, so they reach the second at the same weights with the same Adam moments, and the decayed run's second
+    update is exactly half the constant run's."""
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def run(steps: int, cosine_decay: bool) -> dict[str, torch.Tensor]:
+        return fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
+                         FineTuneSettings(steps=steps, lr=1e-3, cosine_decay=cosine_decay), TINY.schedule, seed=2)
+
+    first, first_decayed, constant, decayed = run(1, False), run(1, True), run(2, False), run(2, True)
+    assert all(torch.equal(first[k], first_decayed[k]) for k in first)
+    moved = [k for k in first if first[k].is_floating_point() and not torch.equal(constant[k], first[k])]
+    assert len(moved) > 10
+    for k in moved:
+        torch.testing.assert_close(decayed[k] - first[k], 0.5 * (constant[k] - first[k]), atol=2e-7, rtol=1e-4)
+
+
 def test_fine_tunes_train_with_the_threads_their_settings_name_and_give_the_caller_its_own_back(tiny_world):
     """The thread count changes the weights' last bits, so it is a setting: the caller's own count must not leak in."""
     images = torch.rand(2, 3, 32, 32) * 2 - 1
