@@ -142,9 +142,10 @@ class FineTuneSettings:
     lr: float
     rank: int = 0  # LoRA rank; 0 = DreamBooth-style full fine-tune of the UNet
     target_memorisation: float | None = None  # stop at the first check where MemorisationProbe's fraction reaches it
-    # Each step's batch holds every image this many times, each with its own noise and step (kohya's per-image
-    # repeats): with N0 = 3-5 images a step of one draw each has too noisy a gradient for a LoRA's high rate.
-    repeats: int = 1
+    # Each step's batch holds every image ceil(min_batch / N0) times, each with its own noise and step (kohya's
+    # per-image repeats): with N0 = 3-5 images a step of one draw each has too noisy a gradient for a LoRA's high
+    # rate, and the rate that stays stable was measured at batches of 40.
+    min_batch: int = 1
     cosine_decay: bool = False  # the rate decays to 0 along a cosine over ``steps``, else it is constant
     threads: int = 2  # torch CPU threads: part of the settings, since they change the weights' last bits
 
@@ -157,15 +158,17 @@ class FineTuneSettings:
 # training stops once MemorisationProbe's fraction (0 = pretrained, 1 = the ideal memoriser of the N0 images) reaches
 # the target. Steps are per batch and are a cap; a fine-tune that cannot reach its target in them says so in its
 # record. Rates are the highest measured to stay stable, so that targets are reached within the CPU budget.
-# The LoRA (rank 8 on the attention projections, the paper's diffusers LoRA) trains on 8 repeats of each image per
-# step with a cosine-decayed rate: on 5 photos in the format-4 world pretrained 1,000 steps it reaches 0.32 after
-# 600 steps where one draw per image at a constant 5e-3 reached 0.19 (and diverged at 1e-2). The full fine-tune
-# reaches 0.40 after 400 steps. Partial memorisation (0.4) by the attention LoRA within its cap is not reached.
+# The LoRA (rank 8 on the attention projections, the paper's diffusers LoRA) trains on batches of at least 40 draws
+# (each image repeated) with a cosine-decayed rate: on 5 photos in the format-4 world pretrained 1,000 steps it
+# reaches 0.32 after 600 steps where one draw per image at a constant 5e-3 reached 0.19 (and diverged at 1e-2); on 3
+# photos in the demo's world 0.40 (batches of 24 at the same rate diverged). The full fine-tune reaches 0.40 after
+# 400 steps. The attention LoRA reaches partial memorisation (0.4) on some concepts within its cap, not on all.
 MEMORISATION_TARGETS = {"light": 0.2, "partial": 0.4, "saturated": 0.7}
 STRENGTHS = {
     "dreambooth": {name: FineTuneSettings(1500, 5e-4, target_memorisation=target)
                    for name, target in MEMORISATION_TARGETS.items()},
-    "lora": {name: FineTuneSettings(600, 2e-2, rank=8, target_memorisation=target, repeats=8, cosine_decay=True)
+    "lora": {name: FineTuneSettings(600, 2e-2, rank=8, target_memorisation=target, min_batch=40,
+                                      cosine_decay=True)
              for name, target in MEMORISATION_TARGETS.items()},
 }
 
@@ -239,7 +242,8 @@ def _fine_tune(unet: WorldUNet, text_encoder: TextEncoder, images: torch.Tensor,
         if settings.cosine_decay else (lambda step: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     alphas_cumprod = schedule.alphas_cumprod()
-    batch_images, batch_context = images.repeat(settings.repeats, 1, 1, 1), context.repeat(settings.repeats, 1, 1)
+    repeats = -(-settings.min_batch // images.shape[0])
+    batch_images, batch_context = images.repeat(repeats, 1, 1, 1), context.repeat(repeats, 1, 1)
     steps_run = 0
     while steps_run < settings.steps:
         loss = diffusion_loss(model, batch_images, batch_context, alphas_cumprod, generator)

@@ -149,12 +149,13 @@ def test_dreambooth_fine_tune_is_deterministic_and_leaves_the_base_alone(tiny_wo
     assert any(not torch.equal(before[k], runs[0][k]) for k in before)
 
 
-def test_repeats_put_every_image_in_each_step_that_many_times(tiny_world):
-    """kohya's per-image repeats: two repeats of two images train as one repeat of the four-image list [a, b, a, b]."""
+def test_a_minimum_batch_repeats_every_image_in_each_step(tiny_world):
+    """kohya's per-image repeats: a batch of at least 3 draws from two images is [a, b, a, b], so it trains as the
+    four-image list with one draw each."""
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     settings = FineTuneSettings(steps=3, lr=1e-2, rank=2)
     repeated = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
-                         dataclasses.replace(settings, repeats=2), TINY.schedule, seed=0)
+                         dataclasses.replace(settings, min_batch=3), TINY.schedule, seed=0)
     listed_twice = fine_tune(tiny_world.unet, tiny_world.text_encoder, torch.cat([images, images]), concept_caption(0),
                              settings, TINY.schedule, seed=0)
     once = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0), settings, TINY.schedule,
