@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from lab.demo import REFERENCES, demo_world_spec
 from lab.world.similarity import highpass_embeddings
@@ -69,6 +70,11 @@ def test_demo_builds_the_world_and_leaves_scored_reports(demo):
         assert models["pretrained"]["sha256"] == sha256(os.path.join(world, "pretrained.safetensors"))
         (tuned,) = [name for name in os.listdir(os.path.join(world, "finetunes")) if name.startswith(case)]
         assert models[fine_tune_role]["sha256"] == sha256(os.path.join(world, "finetunes", tuned))
+        if case == "lora":  # kohya's LoRA with conv layers: a 3x3 kernel's factors beside the attention ones
+            with safe_open(os.path.join(world, "finetunes", tuned), "pt") as handle:
+                shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+            assert shapes["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"][2:] == [3, 3]
+            assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in shapes
         # AS recomputed from the PNGs left behind: each photo's best cosine to any extracted image, averaged.
         photos = highpass_embeddings(torch.stack([pixels(os.path.join(references, n)) for n in
                                                   ("astronaut.png", "brick.png")])).vectors

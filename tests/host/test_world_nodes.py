@@ -10,11 +10,11 @@ from lab import nodes
 from lab.world import store
 from lab.world.similarity import highpass_embeddings
 from lab.world.text import concept_caption
-from lab.world.training import (FineTuneSettings, attention_projection_names,
-                                            merge_lora)
+from lab.world.training import FineTuneSettings, lora_layer_names, merge_lora
 
 CAPTION = concept_caption(0)
 STYLES = {"dreambooth": FineTuneSettings(steps=3, lr=1e-2), "lora": FineTuneSettings(steps=3, lr=5e-2, rank=2)}
+LOCON = FineTuneSettings(steps=3, lr=5e-2, rank=2, lora_layers="locon")  # a LoRA on convolutions too
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def world(host, tmp_path_factory):
     built = store.build_or_load(str(tmp_path_factory.mktemp("world")), TINY)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     paths = {style: store.build_or_load_fine_tune(built, images, CAPTION, settings, seed=0)
-             for style, settings in STYLES.items()}
+             for style, settings in {**STYLES, "locon": LOCON}.items()}
     return built, paths
 
 
@@ -50,15 +50,17 @@ def test_world_loads_as_a_comfy_model_with_the_training_schedule(world):
         assert torch.allclose(comfy_eps(patcher, x, 400, context), expected, atol=1e-4)
 
 
-def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(world):
+@pytest.mark.parametrize("kind", ["lora", "locon"])
+def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(world, kind):
     import comfy.sd
     import comfy.utils
 
     built, paths = world
     pretrained, text_encoder = load(nodes, built)
-    lora = comfy.utils.load_torch_file(paths["lora"], safe_load=True)
+    lora = comfy.utils.load_torch_file(paths[kind], safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(pretrained, None, lora, 1.0, 0.0)
-    assert set(patched.patches) == {f"diffusion_model.{p}.weight" for p in attention_projection_names(built.unet)}
+    layers = "locon" if kind == "locon" else "attention"
+    assert set(patched.patches) == {f"diffusion_model.{p}.weight" for p in lora_layer_names(built.unet, layers)}
     x, context = torch.randn(2, 3, 32, 32), text_encoder.encode(CAPTION).expand(2, -1, -1)
     merged = merge_lora(built.unet, lora)
     patched.patch_model()
@@ -72,7 +74,7 @@ def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(worl
         assert not torch.allclose(comfy_eps(pretrained, x, 600, context), merged(x, torch.tensor([600.0] * 2), context),
                                   atol=1e-4)
     with pytest.raises(ValueError, match="is a LoRA"):
-        load(nodes, built, paths["lora"])
+        load(nodes, built, paths[kind])
 
 
 @pytest.mark.parametrize("style", sorted(STYLES))

@@ -14,9 +14,8 @@ from lab.world.data import (default_image_paths, load_image, procedural_batch,
                                         split_concepts)
 from lab.world.similarity import highpass_embeddings, pixel_embeddings
 from lab.world.text import CONTEXT_LENGTH, VOCABULARY, concept_caption, tokenize
-from lab.world.training import (MEMORISATION_CHECK_EVERY, FineTuneSettings, MemorisationProbe,
-                                            PretrainSettings, attention_projection_names, diffusion_loss, fine_tune,
-                                            kohya_key, merge_lora)
+from lab.world.training import (MEMORISATION_CHECK_EVERY, FineTuneSettings, LoRAAdapter, MemorisationProbe,
+                                PretrainSettings, diffusion_loss, fine_tune, kohya_key, lora_layer_names, merge_lora)
 from lab.world.unet import TransformerBlock
 
 
@@ -75,7 +74,7 @@ def test_unet_predicts_an_image_shaped_eps_with_self_and_cross_attention_at_ever
         assert tiny_world.unet(x, torch.tensor([10.0, 900.0]), context).shape == x.shape
     for hook in hooks:
         hook.remove()
-    names = attention_projection_names(tiny_world.unet)
+    names = lora_layer_names(tiny_world.unet)
     assert "input_blocks.1.1.transformer_blocks.0.attn2.to_q" in names
     assert "middle_block.1.transformer_blocks.0.attn1.to_out.0" in names
     # (image tokens, tokens attended to) per layer: 32x32 queries read 8x8 pooled keys (TINY pools 4x4 there), the
@@ -126,7 +125,7 @@ def test_lora_fine_tune_has_kohya_keys_for_every_attention_projection(tiny_world
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     lora = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
                      FineTuneSettings(steps=2, lr=1e-2, rank=2), TINY.schedule, seed=0)
-    expected = {kohya_key(p) for p in attention_projection_names(tiny_world.unet)}
+    expected = {kohya_key(p) for p in lora_layer_names(tiny_world.unet)}
     assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora} == expected
     key = kohya_key("input_blocks.1.1.transformer_blocks.0.attn2.to_k")
     assert lora[f"{key}.lora_down.weight"].shape == (2, 32) and lora[f"{key}.lora_up.weight"].shape == (8, 2)
@@ -136,6 +135,39 @@ def test_lora_fine_tune_has_kohya_keys_for_every_attention_projection(tiny_world
     context = tiny_world.text_encoder.encode(concept_caption(0))
     with torch.no_grad():
         assert not torch.allclose(merged(x, t, context), tiny_world.unet(x, t, context))
+
+
+def test_a_locon_adapts_every_transformer_and_resblock_layer_and_merges_as_its_two_convolutions(tiny_world):
+    names = set(lora_layer_names(tiny_world.unet, "locon"))
+    assert set(lora_layer_names(tiny_world.unet)) < names  # the attention projections, and more
+    for path in ("input_blocks.1.0.in_layers.2", "input_blocks.1.0.emb_layers.1", "input_blocks.2.0.op",
+                 "output_blocks.0.0.skip_connection", "output_blocks.0.2.conv", "input_blocks.1.1.proj_in",
+                 "middle_block.1.transformer_blocks.0.ff.2"):
+        assert path in names, path
+    assert not names & {"input_blocks.0.0", "out_conv", "time_embed.0", "context_embed"}  # kohya leaves these
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    lora = fine_tune(tiny_world.unet, tiny_world.text_encoder, images, concept_caption(0),
+                     FineTuneSettings(steps=2, lr=1e-2, rank=2, lora_layers="locon"), TINY.schedule, seed=0)
+    key = kohya_key("input_blocks.2.0.op")  # the 3x3 stride-2 downsampler, 8 channels
+    assert lora[f"{key}.lora_down.weight"].shape == (2, 8, 3, 3) and lora[f"{key}.lora_up.weight"].shape == (8, 2, 1, 1)
+    # The adapter runs a rank-2 convolution with the base's stride and padding, then a 1x1 one; merged, one kernel
+    # W + up @ down: checked on a layer with random factors, against the convolution with the summed kernel.
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    adapter = LoRAAdapter(base, rank=2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapter.up.normal_()
+        kernel = base.weight + torch.einsum("or,rikl->oikl", adapter.up[:, :, 0, 0], adapter.down)
+        x = torch.randn(1, 4, 9, 9)
+        assert torch.allclose(adapter(x), torch.nn.functional.conv2d(x, kernel, base.bias, stride=2, padding=1),
+                              atol=1e-5)
+    merged = merge_lora(tiny_world.unet, lora)
+    (down, up) = (lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"])
+    assert torch.allclose(merged.get_submodule("input_blocks.2.0.op").weight,
+                          tiny_world.unet.get_submodule("input_blocks.2.0.op").weight
+                          + torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown LoRA layers 'all': use one of attention, locon"):
+        lora_layer_names(tiny_world.unet, "all")
 
 
 def test_dreambooth_fine_tune_is_deterministic_and_leaves_the_base_alone(tiny_world):
