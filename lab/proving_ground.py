@@ -53,6 +53,8 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG = logging.getLogger("finextract.proving_ground")
 CANDIDATES_PER_IMAGE = 50  # N = 50 x N0, as in the paper
+# RescaleCFG's multiplier in its own method rows: the value Lin et al. (2024) recommend and ComfyUI's node defaults to.
+RESCALE_CFG_MULTIPLIER = 0.7
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,24 +155,34 @@ class ProvingGround:
         }
 
     # ---------------------------------------------------------------------------------------------------- a run
-    def methods(self, style: str) -> list[tuple[str, str, float, float, str]]:
-        """(name, mode, scale, k, caption) per method: the paper's defaults plus any extra --scales with the true
-        caption, the paper's Table 7 rows with the caption recovered from the weights, and the no-caption case."""
+    def methods(self, style: str) -> list[tuple[str, str, float, float, str, float]]:
+        """(name, mode, scale, k, caption, RescaleCFG multiplier) per method: the paper's defaults plus any extra
+        --scales with the true caption, cfg and finextract at their defaults with ComfyUI's RescaleCFG patch on the
+        fine-tuned model (rows of their own: never a default), the paper's Table 7 rows with the caption recovered
+        from the weights, and the no-caption case. A multiplier of 0 is no patch."""
         defaults = self.guidance.DREAMBOOTH_DEFAULTS if style == "dreambooth" else self.guidance.LORA_DEFAULTS
         extra = [float(s) for s in self.args.scales.split(",") if s]
         cfg_scales = sorted({self.guidance.CFG_DEFAULT_SCALE, *extra})
         finextract_scales = sorted({defaults["scale"], *extra})
         cfg_default, finextract_default = self.guidance.CFG_DEFAULT_SCALE, defaults["scale"]
-        return ([("direct", "direct", 1.0, 0.0, "true")]
-                + [(f"cfg w'={s:g}", "cfg", s, 0.0, "true") for s in cfg_scales]
-                + [(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true")
+        rescale = RESCALE_CFG_MULTIPLIER
+        return ([("direct", "direct", 1.0, 0.0, "true", 0.0)]
+                + [(f"cfg w'={s:g}", "cfg", s, 0.0, "true", 0.0) for s in cfg_scales]
+                + [(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true", 0.0)
                    for s in finextract_scales]
-                + [(f"recovered caption: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "recovered"),
+                + [(f"RescaleCFG {rescale:g}: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "true", rescale),
+                   (f"RescaleCFG {rescale:g}: finextract w'={finextract_default:g} k={defaults['k']:g}", "finextract",
+                    finextract_default, defaults["k"], "true", rescale)]
+                + [(f"recovered caption: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "recovered", 0.0),
                    (f"recovered caption: finextract w'={finextract_default:g} k={defaults['k']:g}", "finextract",
-                    finextract_default, defaults["k"], "recovered"),
+                    finextract_default, defaults["k"], "recovered", 0.0),
                    (f"no caption: model_guidance w={finextract_default:g}", "model_guidance", finextract_default,
-                    0.0, "empty"),
-                   ("no caption: unconditional", "direct", 1.0, 0.0, "empty")])
+                    0.0, "empty", 0.0),
+                   ("no caption: unconditional", "direct", 1.0, 0.0, "empty", 0.0)])
+
+    def rescaled(self, model, multiplier: float):
+        """``model`` with ComfyUI's own RescaleCFG node applied (the guider replays the CFG function it sets)."""
+        return self.host.nodes.NODE_CLASS_MAPPINGS["RescaleCFG"]().patch(model, multiplier)[0]
 
     def recover_caption(self, world, path: str, style: str, caption: str, seed: int) -> dict:
         """The caption read back from the fine-tune's weights alone (Appendix A), and whether its keyword is there."""
@@ -236,10 +248,11 @@ class ProvingGround:
                 fine_tuned = self.load_fine_tune(folder, pretrained, path, style)
                 prompts = {"true": positive, "recovered": encode(recovery["caption"]), "empty": empty}
                 results = {}
-                for name, mode, scale, k, prompt in self.methods(style):
-                    guider = self.guider.build_guider(fine_tuned, pretrained, prompts[prompt], empty, mode, scale, k)
+                for name, mode, scale, k, prompt, rescale in self.methods(style):
+                    model = self.rescaled(fine_tuned, rescale) if rescale else fine_tuned
+                    guider = self.guider.build_guider(model, pretrained, prompts[prompt], empty, mode, scale, k)
                     candidates, seconds = self.sample(guider, seed)
-                    results[name] = {"mode": mode, "scale": scale, "k": k, "caption": prompt,
+                    results[name] = {"mode": mode, "scale": scale, "k": k, "caption": prompt, "rescale_cfg": rescale,
                                      "seconds": round(seconds, 1), **self.evaluate(candidates, references)}
                     LOG.info(f"  {style:10s} {name:45s} AS {results[name]['AS']:.3f}  A-ESR0.6 "
                              f"{results[name]['A-ESR 0.6']:.2f}  A-ESR0.7 {results[name]['A-ESR 0.7']:.2f}  "

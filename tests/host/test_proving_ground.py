@@ -58,6 +58,13 @@ def test_every_method_is_clustered_to_n0_and_scored_with_its_caption(runs):
             assert len(method["clusters"]["centres"]) == N0 and len(method["per_reference"]) == N0
             assert -1 <= method["AS"] <= method["best_of_all_candidates"]["AS"] <= 1
             assert 0 <= method["saturation"] <= 1
+        # ComfyUI's RescaleCFG patch runs in rows of its own, on the default scales, and changes what is sampled.
+        for mode in ("cfg", "finextract"):
+            (patched,) = [m for m in methods.values() if m["mode"] == mode and m["rescale_cfg"]]
+            (plain,) = [m for m in methods.values() if m["mode"] == mode and not m["rescale_cfg"]
+                        and m["caption"] == "true" and m["scale"] == patched["scale"]]
+            assert patched["rescale_cfg"] == proving_ground.RESCALE_CFG_MULTIPLIER
+            assert patched["per_reference"] != plain["per_reference"], f"{style} {mode}: RescaleCFG changed nothing"
     figure = Image.open(out / "extraction.png")
     rows = 2 + sum(len(b["methods"]) for b in concept["styles"].values())
     assert figure.size[1] == rows * (64 + 4)
