@@ -3,7 +3,8 @@ ComfyUI server, extracting the world's fine-tuning images.
 
 1. Builds (once, then reuses from cache/demo_world/<spec digest>) a small demo world from the proving ground
    (lab/world): a 32x32 text-to-image diffusion model pretrained on procedural images, fine-tuned
-   DreamBooth-style and with a LoRA on N0 real photos from scikit-image's sample images, captioned "a sks photo".
+   DreamBooth-style and with a kohya LoRA with conv layers (LoCon) on N0 real photos from scikit-image's sample
+   images, captioned "a sks photo".
 2. Starts ComfyUI headless on 127.0.0.1 and converts workflows/finextract_dreambooth_one_batch.json and
    workflows/finextract_lora_one_batch.json to API form, with the world's nodes swapped in: World Loader for the
    checkpoint

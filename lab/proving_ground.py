@@ -7,8 +7,9 @@ DreamBooth-style and with a LoRA, reads each fine-tune's caption back from its w
 lab/world/caption.py), then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
 own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
 pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Methods:
-direct, cfg and finextract with the true caption (the paper's Table 1), cfg and finextract with the recovered caption
-and model guidance with the empty caption (Table 7), plain unconditional sampling. Writes results.json (every figure
+direct, cfg and finextract with the true caption (the paper's Table 1), both again with ComfyUI's RescaleCFG patch on
+the fine-tuned model, cfg and finextract with the recovered caption and model guidance with the empty caption
+(Table 7), plain unconditional sampling. Writes results.json (every figure
 per concept and seed, and as mean and standard deviation over the concept-seed pairs, with chance floors; each
 fine-tune's memorisation and recovered caption) and extraction.png (training images and each method's extractions).
 Concept i's caption is "a <rare token i> photo"; the default images are 24 scikit-image samples that stay distinct at
@@ -78,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads for sampling (training uses the thread count its settings name)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "proving_ground"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Fine-tunes are found under the world's folder by path: a relative one would be joined to itself.
+    args.world = args.world and os.path.abspath(args.world)
+    return args
 
 
 def _seeds(text: str) -> list[int]:

@@ -113,3 +113,9 @@ def test_the_same_seeds_give_the_same_figures_and_a_second_seed_is_a_second_run(
 def test_seeds_that_are_not_distinct_integers_are_refused(text):
     with pytest.raises(SystemExit):
         proving_ground.parse_args(["--seeds", text])
+
+
+def test_a_relative_world_folder_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert proving_ground.parse_args(["--world", "cache/world/x"]).world == str(tmp_path / "cache" / "world" / "x")
+    assert proving_ground.parse_args([]).world is None
