@@ -19,11 +19,11 @@ Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
 the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
 
-Budget (the default run: 2 concepts, N0 = 5, one seed; 2-core CPU, otherwise idle, 2 torch threads): from nothing,
-1162 s (world pretraining 692, four fine-tunes 212, sampling and scoring the rest); with the world and its fine-tunes
-cached, 256 s, with the same figures. --scales 1.5,2,3,5 adds a w' sweep for cfg and finextract (about 2.5x the
-sampling time); each extra seed or concept repeats its fine-tunes and sampling. These times are the world before format
-4: its UNet costs about 4x less per training step (side by side, forward and backward of a 64-image batch).
+Budget: the format-4 world's training step costs about 1.2 s on an idle 2-core CPU (64 images, 2 threads), so the
+default run (2 concepts, N0 = 5, one seed) takes about an hour from nothing (pretraining 1,500 steps is half of it)
+and about 13 minutes cached, estimated from a measured one-concept run (docs/proving-ground.md). --scales 1.5,2,3,5
+adds a w' sweep for cfg and finextract (about 2.5x the sampling time); each extra seed or concept repeats its
+fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (a shaded background with a named texture, one captioned shape at a
 named place, clutter) with 6-word captions; a 0.7 M-parameter UNet with self- and cross-attention at 32x32, 16x16
