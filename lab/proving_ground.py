@@ -47,6 +47,7 @@ import os
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -93,6 +94,17 @@ def _seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seed repeated in {text!r}: each seed is a separate run")
     return seeds
+
+
+class Method(NamedTuple):
+    """One sampling method of a run: the guider's mode, scale and k, the caption it is prompted with ("true",
+    "recovered" or "empty") and ComfyUI's RescaleCFG multiplier on the fine-tuned model (0: no patch)."""
+    name: str
+    mode: str
+    scale: float
+    k: float
+    caption: str
+    rescale_cfg: float = 0.0
 
 
 class ProvingGround:
@@ -159,30 +171,29 @@ class ProvingGround:
         }
 
     # ---------------------------------------------------------------------------------------------------- a run
-    def methods(self, style: str) -> list[tuple[str, str, float, float, str, float]]:
-        """(name, mode, scale, k, caption, RescaleCFG multiplier) per method: the paper's defaults plus any extra
-        --scales with the true caption, cfg and finextract at their defaults with ComfyUI's RescaleCFG patch on the
-        fine-tuned model (rows of their own: never a default), the paper's Table 7 rows with the caption recovered
-        from the weights, and the no-caption case. A multiplier of 0 is no patch."""
+    def methods(self, style: str) -> list["Method"]:
+        """The paper's defaults plus any extra --scales with the true caption, cfg and finextract at their defaults
+        with ComfyUI's RescaleCFG patch on the fine-tuned model (rows of their own: never a default), the paper's
+        Table 7 rows with the caption recovered from the weights, and the no-caption case."""
         defaults = self.guidance.DREAMBOOTH_DEFAULTS if style == "dreambooth" else self.guidance.LORA_DEFAULTS
         extra = [float(s) for s in self.args.scales.split(",") if s]
         cfg_scales = sorted({self.guidance.CFG_DEFAULT_SCALE, *extra})
         finextract_scales = sorted({defaults["scale"], *extra})
         cfg_default, finextract_default = self.guidance.CFG_DEFAULT_SCALE, defaults["scale"]
         rescale = RESCALE_CFG_MULTIPLIER
-        return ([("direct", "direct", 1.0, 0.0, "true", 0.0)]
-                + [(f"cfg w'={s:g}", "cfg", s, 0.0, "true", 0.0) for s in cfg_scales]
-                + [(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true", 0.0)
+        return ([Method("direct", "direct", 1.0, 0.0, "true")]
+                + [Method(f"cfg w'={s:g}", "cfg", s, 0.0, "true") for s in cfg_scales]
+                + [Method(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true")
                    for s in finextract_scales]
-                + [(f"RescaleCFG {rescale:g}: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "true", rescale),
-                   (f"RescaleCFG {rescale:g}: finextract w'={finextract_default:g} k={defaults['k']:g}", "finextract",
-                    finextract_default, defaults["k"], "true", rescale)]
-                + [(f"recovered caption: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "recovered", 0.0),
-                   (f"recovered caption: finextract w'={finextract_default:g} k={defaults['k']:g}", "finextract",
-                    finextract_default, defaults["k"], "recovered", 0.0),
-                   (f"no caption: model_guidance w={finextract_default:g}", "model_guidance", finextract_default,
-                    0.0, "empty", 0.0),
-                   ("no caption: unconditional", "direct", 1.0, 0.0, "empty", 0.0)])
+                + [Method(f"RescaleCFG {rescale:g}: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "true", rescale),
+                   Method(f"RescaleCFG {rescale:g}: finextract w'={finextract_default:g} k={defaults['k']:g}",
+                          "finextract", finextract_default, defaults["k"], "true", rescale)]
+                + [Method(f"recovered caption: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "recovered"),
+                   Method(f"recovered caption: finextract w'={finextract_default:g} k={defaults['k']:g}",
+                          "finextract", finextract_default, defaults["k"], "recovered"),
+                   Method(f"no caption: model_guidance w={finextract_default:g}", "model_guidance",
+                          finextract_default, 0.0, "empty"),
+                   Method("no caption: unconditional", "direct", 1.0, 0.0, "empty")])
 
     def rescaled(self, model, multiplier: float):
         """``model`` with ComfyUI's own RescaleCFG node applied (the guider replays the CFG function it sets)."""

@@ -15,6 +15,7 @@ from lab.world.training import FineTuneSettings, lora_layer_names, merge_lora
 CAPTION = concept_caption(0)
 STYLES = {"dreambooth": FineTuneSettings(steps=3, lr=1e-2), "lora": FineTuneSettings(steps=3, lr=5e-2, rank=2)}
 LOCON = FineTuneSettings(steps=3, lr=5e-2, rank=2, lora_layers="locon")  # a LoRA on convolutions too
+FINE_TUNES = {**STYLES, "locon": LOCON}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def world(host, tmp_path_factory):
     built = store.build_or_load(str(tmp_path_factory.mktemp("world")), TINY)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     paths = {style: store.build_or_load_fine_tune(built, images, CAPTION, settings, seed=0)
-             for style, settings in {**STYLES, "locon": LOCON}.items()}
+             for style, settings in FINE_TUNES.items()}
     return built, paths
 
 
@@ -59,7 +60,7 @@ def test_world_lora_loads_with_comfy_lora_loader_and_changes_the_prediction(worl
     pretrained, text_encoder = load(nodes, built)
     lora = comfy.utils.load_torch_file(paths[kind], safe_load=True)
     patched, _ = comfy.sd.load_lora_for_models(pretrained, None, lora, 1.0, 0.0)
-    layers = "locon" if kind == "locon" else "attention"
+    layers = FINE_TUNES[kind].lora_layers
     assert set(patched.patches) == {f"diffusion_model.{p}.weight" for p in lora_layer_names(built.unet, layers)}
     x, context = torch.randn(2, 3, 32, 32), text_encoder.encode(CAPTION).expand(2, -1, -1)
     merged = merge_lora(built.unet, lora)
