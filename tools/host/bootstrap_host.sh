@@ -8,8 +8,16 @@
 # the base directory, the pack's and the tests' requirements are set up, then checked once: that Python imports the
 # tree and ComfyUI's loader loads the pack (or the check says which module is missing). FINEXTRACT_HOST_DIR puts all
 # of it (host.env, base/) in a host dir of its own, so one checkout can test several ComfyUI trees.
+# --no-browser leaves out Chromium, which only the front-end test needs (the main job passes it).
 # Idempotent: each step is skipped when its result is already there.
 set -euo pipefail
+BROWSER=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-browser) BROWSER=0 ;;
+    *) echo "unknown option $arg (the one option is --no-browser)" >&2; exit 2 ;;
+  esac
+done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HOST=${FINEXTRACT_HOST_DIR:-$ROOT/.host}
 mkdir -p "$HOST"
@@ -58,7 +66,7 @@ fi
 "$PY" -m pip install -q -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
 
 # Headless Chromium for the front-end test (Debian's packages); without it that one test is skipped.
-if ! command -v chromium >/dev/null 2>&1; then
+if [ $BROWSER = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then APT="apt-get"; elif command -v sudo >/dev/null 2>&1; then APT="sudo apt-get"; else APT=""; fi
   if [ -n "$APT" ] && command -v apt-get >/dev/null 2>&1; then
     say "installing chromium and chromium-driver (front-end test)"
