@@ -41,8 +41,10 @@ def encode_captions(text_encoder: TextEncoder, captions: list[str]) -> torch.Ten
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    steps: int = 1500  # about 10 minutes on an idle 2-core CPU
-    batch: int = 64
+    steps: int = 1500  # about 12 minutes on an idle 2-core CPU
+    # A step's cost grows with its images (about 15 ms each here, fwd + bwd): 32 keeps the proving ground's world and
+    # the main job's within their budgets, where 64 doubled them.
+    batch: int = 32
     lr: float = 1e-3
     ema: float = 0.99  # the saved weights are an exponential moving average: cleaner samples from short training
     threads: int = 2  # torch CPU threads: part of the spec, since they change the weights' last bits
@@ -172,10 +174,10 @@ STRENGTHS = {
     "lora": {name: FineTuneSettings(600, 2e-2, rank=8, target_memorisation=target, min_batch=40,
                                       cosine_decay=True)
              for name, target in MEMORISATION_TARGETS.items()},
-    # kohya's LoRA with conv layers (the main job's LoRA), rank 8, the same batches: on the demo's 3 photos 0.67 in
-    # its 400 steps at 5e-3 (2e-2 diverged, 0.06 after 600; no rate between was tried), where the attention LoRA
-    # reaches 0.40 in 600: the convolutions hold the fine detail.
-    "locon": {name: FineTuneSettings(400, 5e-3, rank=8, target_memorisation=target, min_batch=40,
+    # kohya's LoRA with conv layers (the main job's LoRA), rank 8, on batches of at least 20 draws: on the demo's 3
+    # photos 0.62 in its 400 steps at 5e-3 (batches of 42 in the world pretrained on 64-image steps: 0.67, and 2e-2
+    # diverged, 0.06 after 600), where the attention LoRA reaches 0.40 in 600: the convolutions hold the fine detail.
+    "locon": {name: FineTuneSettings(400, 5e-3, rank=8, target_memorisation=target, min_batch=20,
                                        cosine_decay=True, lora_layers="locon")
               for name, target in MEMORISATION_TARGETS.items()},
 }
