@@ -1,15 +1,15 @@
 """Proving ground (issue 4): in a small trained world, does model guidance extract the fine-tuning images, and by how much?
 
-    .host/venv/bin/python -m lab.proving_ground [--images DIR] [--concepts 2] [--n0 5] [--seeds 0,1] [--out DIR]
+    .host/venv/bin/python -m lab.proving_ground [--images DIR] [--concepts 1] [--n0 5] [--seeds 0,1] [--out DIR]
 
 Builds or reuses the world (cache/world/<spec digest>: pretrained model + fine-tunes), fine-tunes every concept
 DreamBooth-style and with a LoRA, reads each fine-tune's caption back from its weights alone (Appendix A, through
 lab/world/caption.py), then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
 own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
 pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Methods:
-direct, cfg and finextract with the true caption (the paper's Table 1), both again with ComfyUI's RescaleCFG patch on
-the fine-tuned model, cfg and finextract with the recovered caption and model guidance with the empty caption
-(Table 7), plain unconditional sampling. Writes results.json (every figure
+direct, cfg and finextract with the true caption (the paper's Table 1); with --methods all also both with ComfyUI's
+RescaleCFG patch on the fine-tuned model, cfg and finextract with the recovered caption and model guidance with the
+empty caption (Table 7), plain unconditional sampling. Writes results.json (every figure
 per concept and seed, and as mean and standard deviation over the concept-seed pairs, with chance floors; each
 fine-tune's memorisation and recovered caption) and extraction.png (training images and each method's extractions).
 Concept i's caption is "a <rare token i> photo"; the default images are 24 scikit-image samples that stay distinct at
@@ -19,11 +19,11 @@ Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
 the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
 
-Budget: the format-4 world's training step costs about 1.2 s on an idle 2-core CPU (64 images, 2 threads), so the
-default run (2 concepts, N0 = 5, one seed) takes about an hour from nothing (pretraining 1,500 steps is half of it)
-and about 13 minutes cached, estimated from a measured one-concept run (docs/proving-ground.md). --scales 1.5,2,3,5
-adds a w' sweep for cfg and finextract (about 2.5x the sampling time); each extra seed or concept repeats its
-fine-tunes and sampling.
+Budget: the world's training step costs about 0.5 s on an idle 2-core CPU (32 images, 2 threads), so the default
+run (one concept, N0 = 5, one seed, the paper's methods) takes about 25 minutes from nothing (pretraining 1,500 steps
+is half of it) and about 4 minutes cached (docs/proving-ground.md has the measured figures). --methods all adds the
+RescaleCFG, Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and
+finextract (about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (a shaded background with a named texture, one captioned shape at a
 named place, clutter) with 6-word captions; a 0.7 M-parameter UNet with self- and cross-attention at 32x32, 16x16
@@ -57,13 +57,15 @@ LOG = logging.getLogger("finextract.proving_ground")
 CANDIDATES_PER_IMAGE = 50  # N = 50 x N0, as in the paper
 # RescaleCFG's multiplier in its own method rows: the value Lin et al. (2024) recommend and ComfyUI's node defaults to.
 RESCALE_CFG_MULTIPLIER = 0.7
+METHOD_SETS = ("paper", "all")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="folder of fine-tuning images, split by name order into concepts of N0 "
                         "(default: 24 of scikit-image's sample images that stay distinct at 32x32)")
-    parser.add_argument("--concepts", type=int, default=2)
+    parser.add_argument("--concepts", type=int, default=1, help="concepts of N0 images each (the default run is one, "
+                        "to fit its budget; the study in docs/proving-ground.md runs 4 concepts x 2 seeds)")
     parser.add_argument("--n0", type=int, default=5, help="fine-tuning images per concept")
     parser.add_argument("--seeds", type=_seeds, default=[0], help="seeds of the fine-tunes and of the sampling noise, "
                         "comma-separated: each seed repeats every concept (fine-tunes included), and every figure is "
@@ -77,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--scheduler", default="ddim_uniform")
     parser.add_argument("--scales", default="", help="extra w' values for cfg and finextract, e.g. 1.5,2,3,5")
+    parser.add_argument("--methods", default="paper", choices=METHOD_SETS,
+                        help="paper: direct, cfg and finextract with the true caption (Table 1); all: also "
+                        "ComfyUI's RescaleCFG on cfg and finextract, both with the caption recovered from the weights "
+                        "(Table 7) and the no-caption rows (about 3x the sampling time)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads for sampling (training uses the thread count its settings name)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "out", "proving_ground"))
@@ -172,19 +178,22 @@ class ProvingGround:
 
     # ---------------------------------------------------------------------------------------------------- a run
     def methods(self, style: str) -> list["Method"]:
-        """The paper's defaults plus any extra --scales with the true caption, cfg and finextract at their defaults
-        with ComfyUI's RescaleCFG patch on the fine-tuned model (rows of their own: never a default), the paper's
-        Table 7 rows with the caption recovered from the weights, and the no-caption case."""
+        """The paper's defaults plus any extra --scales with the true caption; with --methods all also cfg and
+        finextract at their defaults with ComfyUI's RescaleCFG patch on the fine-tuned model (rows of their own: never
+        a default), the paper's Table 7 rows with the caption recovered from the weights, and the no-caption case."""
         defaults = self.guidance.DREAMBOOTH_DEFAULTS if style == "dreambooth" else self.guidance.LORA_DEFAULTS
         extra = [float(s) for s in self.args.scales.split(",") if s]
         cfg_scales = sorted({self.guidance.CFG_DEFAULT_SCALE, *extra})
         finextract_scales = sorted({defaults["scale"], *extra})
         cfg_default, finextract_default = self.guidance.CFG_DEFAULT_SCALE, defaults["scale"]
         rescale = RESCALE_CFG_MULTIPLIER
-        return ([Method("direct", "direct", 1.0, 0.0, "true")]
-                + [Method(f"cfg w'={s:g}", "cfg", s, 0.0, "true") for s in cfg_scales]
-                + [Method(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true")
-                   for s in finextract_scales]
+        paper = ([Method("direct", "direct", 1.0, 0.0, "true")]
+                 + [Method(f"cfg w'={s:g}", "cfg", s, 0.0, "true") for s in cfg_scales]
+                 + [Method(f"finextract w'={s:g} k={defaults['k']:g}", "finextract", s, defaults["k"], "true")
+                    for s in finextract_scales])
+        if self.args.methods == "paper":
+            return paper
+        return (paper
                 + [Method(f"RescaleCFG {rescale:g}: cfg w'={cfg_default:g}", "cfg", cfg_default, 0.0, "true", rescale),
                    Method(f"RescaleCFG {rescale:g}: finextract w'={finextract_default:g} k={defaults['k']:g}",
                           "finextract", finextract_default, defaults["k"], "true", rescale)]

@@ -3,6 +3,7 @@ every method, caption recovery and the Table 7 rows; the same seeds give the sam
 a second seed."""
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def runs(host, tmp_path_factory):
         for attempt, seeds in (("first", []), ("again", ["--seeds", "0,1"])):
             out = root / attempt
             proving_ground.main(["--world", str(root / "world"), "--images", str(images), "--concepts", "1",
-                                 "--n0", str(N0), "--steps", "2", "--out", str(out), *seeds])
+                                 "--n0", str(N0), "--steps", "2", "--methods", "all", "--out", str(out), *seeds])
             with open(out / "results.json") as handle:
                 reports.append((json.load(handle), out))
     finally:
@@ -68,6 +69,23 @@ def test_every_method_is_clustered_to_n0_and_scored_with_its_caption(runs):
     figure = Image.open(out / "extraction.png")
     rows = 2 + sum(len(b["methods"]) for b in concept["styles"].values())
     assert figure.size[1] == rows * (64 + 4)
+
+
+def test_the_default_methods_are_the_papers_table_1_and_all_adds_the_patched_table_7_and_no_caption_rows(host):
+    from lab.product import pack_module
+
+    def methods(argv: list[str], style: str) -> list[proving_ground.Method]:
+        ground = types.SimpleNamespace(args=proving_ground.parse_args(argv),
+                                       guidance=pack_module("finextract_core.guidance"))
+        return proving_ground.ProvingGround.methods(ground, style)
+
+    paper = methods([], "lora")
+    assert [(m.mode, m.scale, m.caption, m.rescale_cfg) for m in paper] == [
+        ("direct", 1.0, "true", 0.0), ("cfg", 3.0, "true", 0.0), ("finextract", 5.0, "true", 0.0)]
+    assert [m.scale for m in methods(["--scales", "2,5"], "dreambooth") if m.mode == "cfg"] == [2.0, 3.0, 5.0]
+    every = methods(["--methods", "all"], "lora")
+    assert every[:3] == paper and {m.caption for m in every} == {"true", "recovered", "empty"}
+    assert sum(1 for m in every if m.rescale_cfg) == 2
 
 
 def test_saturation_is_the_share_of_pixel_values_at_the_range_limits():
