@@ -3,17 +3,18 @@
     .host/venv/bin/python -m lab.proving_ground [--images DIR] [--concepts 1] [--n0 5] [--seeds 0,1] [--out DIR]
 
 Builds or reuses the world (cache/world/<spec digest>: pretrained model + fine-tunes), fine-tunes every concept
-DreamBooth-style and with a LoRA, reads each fine-tune's caption back from its weights alone (Appendix A, through
-lab/world/caption.py), then for each fine-tune samples N = 50 x N0 candidates per method through the pack's
-own guider (build_guider + sample_with_guider: same sampler, steps and seeds for every method), clusters them with the
-pack's clustering and scores the N0 extracted images with the pack's metrics against the fine-tuning images. Methods:
-direct, cfg and finextract with the true caption (the paper's Table 1); with --methods all also both with ComfyUI's
-RescaleCFG patch on the fine-tuned model, cfg and finextract with the recovered caption and model guidance with the
-empty caption (Table 7), plain unconditional sampling. Writes results.json (every figure
-per concept and seed, and as mean and standard deviation over the concept-seed pairs, with chance floors; each
-fine-tune's memorisation and recovered caption) and extraction.png (training images and each method's extractions).
-Concept i's caption is "a <rare token i> photo"; the default images are 24 scikit-image samples that stay distinct at
-32x32 (data.DEFAULT_IMAGE_NAMES), N0 consecutive files per concept.
+DreamBooth-style and with the paper's LoRA (--styles picks the kinds, and can add kohya's LoCon), reads each
+fine-tune's caption back from its weights alone (Appendix A, through lab/world/caption.py), then for each fine-tune
+samples N = 50 x N0 candidates per method through the pack's own guider (build_guider + sample_with_guider: same
+sampler, steps and seeds for every method), clusters them with the pack's clustering and scores the N0 extracted
+images with the pack's metrics against the fine-tuning images. Methods: direct, cfg and finextract with the true
+caption (the paper's Table 1); with --methods all also both with ComfyUI's RescaleCFG patch on the fine-tuned model,
+cfg and finextract with the recovered caption and model guidance with the empty caption (Table 7), plain
+unconditional sampling. Writes results.json (every figure per concept and seed, and as mean and standard deviation
+over the concept-seed pairs, with chance floors; each fine-tune's memorisation and recovered caption) and
+extraction.png (training images and each method's extractions). Concept i's caption is "a <rare token i> photo"; the
+default images are 24 scikit-image samples that stay distinct at 32x32 (data.DEFAULT_IMAGE_NAMES), N0 consecutive
+files per concept.
 
 Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is a memorisation target, measured on
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the pretrained world (a new seed rebuilds it)")
     parser.add_argument("--world", help="world folder: an existing world is used as it is, a new one is built there "
                         "(default: cache/world/<digest of the default spec>)")
+    parser.add_argument("--styles", type=_styles, default=["dreambooth", "lora"],
+                        help="fine-tune kinds, comma-separated, from training.STRENGTHS: dreambooth, lora (the paper's "
+                        "rank-8 LoRA on the attention projections), locon (kohya's LoRA with conv layers too)")
     parser.add_argument("--strength", default="partial", choices=["light", "partial", "saturated"],
                         help="fine-tuning strength (the paper's lambda)")
     parser.add_argument("--steps", type=int, default=8, help="sampling steps")
@@ -100,6 +104,14 @@ def _seeds(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seed repeated in {text!r}: each seed is a separate run")
     return seeds
+
+
+def _styles(text: str) -> list[str]:
+    styles = [part.strip() for part in text.split(",") if part.strip()]
+    if not styles or len(set(styles)) != len(styles):
+        raise argparse.ArgumentTypeError(f"styles must be distinct names separated by commas, e.g. dreambooth,lora "
+                                         f"(got {text!r})")
+    return styles
 
 
 class Method(NamedTuple):
@@ -131,6 +143,9 @@ class ProvingGround:
         self.guidance = pack_module("finextract_core.guidance")
         self.guider, self.guidance_nodes = pack_module("nodes.guider"), pack_module("nodes.sampling")
         self.n_candidates = CANDIDATES_PER_IMAGE * args.n0
+        unknown = [style for style in args.styles if style not in training.STRENGTHS]
+        if unknown:
+            raise SystemExit(f"unknown fine-tune style {', '.join(unknown)}: use {', '.join(training.STRENGTHS)}")
 
     # ------------------------------------------------------------------------------------------------- sampling
     def sample(self, guider, seed: int) -> torch.Tensor:
@@ -213,7 +228,7 @@ class ProvingGround:
         from safetensors.torch import load_file
 
         weights = load_file(path)
-        if style == "lora":
+        if style != "dreambooth":
             fine_tuned = self.training.merge_lora(world.unet, weights)
         else:
             fine_tuned = self.store.new_modules(world.spec)[0]
@@ -260,7 +275,7 @@ class ProvingGround:
                        "floors": {"random_pretraining_images": self.evaluate(torch.from_numpy((random_images + 1) / 2),
                                                                              references),
                                   "pretrained_with_caption": self.evaluate(floor_images, references)}}
-            for style in ("dreambooth", "lora"):
+            for style in args.styles:
                 settings = self.training.STRENGTHS[style][args.strength]
                 tuned = time.perf_counter()
                 path = self.store.build_or_load_fine_tune(world, images, caption, settings, seed=run_seed + index)

@@ -17,6 +17,7 @@ from lab.world.caption import WORD_IDS
 from lab.world.text import tokenize
 
 N0 = 2
+STYLES = ("dreambooth", "lora", "locon")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def runs(host, tmp_path_factory):
         for attempt, seeds in (("first", []), ("again", ["--seeds", "0,1"])):
             out = root / attempt
             proving_ground.main(["--world", str(root / "world"), "--images", str(images), "--concepts", "1",
-                                 "--n0", str(N0), "--steps", "2", "--methods", "all", "--out", str(out), *seeds])
+                                 "--n0", str(N0), "--steps", "2", "--methods", "all", "--styles", ",".join(STYLES),
+                                 "--out", str(out), *seeds])
             with open(out / "results.json") as handle:
                 reports.append((json.load(handle), out))
     finally:
@@ -106,7 +108,7 @@ def test_fine_tunes_record_their_memorisation_and_captions_are_read_back_from_th
         assert recovery["keyword_in_caption"] == ("sks" in recovery["caption"].split())
         assert recovery["captions"][0][1] <= recovery["exhaustive_best"][1] + 1e-6  # nothing beats the true maximum
     summary = report["fine_tunes_and_caption_recovery"]
-    assert set(summary) == {"dreambooth", "lora"}
+    assert set(summary) == set(STYLES)
     assert summary["lora"]["recovered_captions"] == [report["concepts"][0]["styles"]["lora"]["caption_recovery"]["caption"]]
 
 
@@ -118,7 +120,7 @@ def test_the_same_seeds_give_the_same_figures_and_a_second_seed_is_a_second_run(
          for style, block in concept["styles"].items()}, sort_keys=True)
     assert strip(first["concepts"][0]) == strip(again["concepts"][0])
     assert strip(again["concepts"][1]) != strip(again["concepts"][0])
-    for style in ("dreambooth", "lora"):  # seed 0's fine-tunes were reused, seed 1 trained its own
+    for style in STYLES:  # seed 0's fine-tunes were reused, seed 1 trained its own
         files = [c["styles"][style]["fine_tune"]["file"] for c in (first["concepts"][0], *again["concepts"])]
         assert files[0] == files[1] != files[2]
     # Every summary figure is the mean over the concept-seed pairs.
@@ -131,6 +133,17 @@ def test_the_same_seeds_give_the_same_figures_and_a_second_seed_is_a_second_run(
 def test_seeds_that_are_not_distinct_integers_are_refused(text):
     with pytest.raises(SystemExit):
         proving_ground.parse_args(["--seeds", text])
+
+
+@pytest.mark.parametrize("text", ["lora,lora", ","])
+def test_styles_that_are_not_distinct_names_are_refused(text):
+    with pytest.raises(SystemExit):
+        proving_ground.parse_args(["--styles", text])
+
+
+def test_an_unknown_style_is_refused_with_the_known_ones(host):
+    with pytest.raises(SystemExit, match="unknown fine-tune style loha: use dreambooth, lora, locon"):
+        proving_ground.ProvingGround(proving_ground.parse_args(["--styles", "lora,loha"]))
 
 
 def test_a_relative_world_folder_is_taken_from_the_working_directory(tmp_path, monkeypatch):
