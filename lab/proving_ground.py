@@ -20,9 +20,10 @@ Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
 the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
 
-Budget: the world's training step costs about 0.5 s on an idle 2-core CPU (32 images, 2 threads), so the default
-run (one concept, N0 = 5, one seed, the paper's methods) takes about 25 minutes from nothing (pretraining 1,500 steps
-is half of it) and about 4 minutes cached (docs/proving-ground.md has the measured figures). --methods all adds the
+Budget: the world's training step (32 images, 2 threads) costs 0.26 s on an idle 2-core Intel Xeon and about 0.5 s
+on a 2-core AMD EPYC, so the default run (one concept, N0 = 5, one seed, the paper's methods) takes 11 minutes from
+nothing on the first (pretraining 1,500 steps is 6.5 of them) and about twice that on the second, and about a minute
+cached (docs/proving-ground.md has the measured figures). --methods all adds the
 RescaleCFG, Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and
 finextract (about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
 
