@@ -167,7 +167,8 @@ class FineTuneSettings:
 # reaches 0.32 after 600 steps where one draw per image at a constant 5e-3 reached 0.19 (and diverged at 1e-2); on 3
 # photos in the demo's world 0.40 (batches of 24 at the same rate diverged). The full fine-tune reaches 0.40 after
 # 400 steps. The attention LoRA reaches partial memorisation (0.4) on some concepts within its cap, not on all: in the
-# default world (1,500 steps of 32 images) on one of 4 concepts, 0.33 on average; a 1,500-step cap at 2e-2 diverged.
+# default world (1,500 steps of 32 images) on 2 of 8 concept-seed pairs, 0.34 on average; a 1,500-step cap at 2e-2
+# diverged.
 MEMORISATION_TARGETS = {"light": 0.2, "partial": 0.4, "saturated": 0.7}
 STRENGTHS = {
     "dreambooth": {name: FineTuneSettings(1500, 5e-4, target_memorisation=target)
@@ -178,7 +179,7 @@ STRENGTHS = {
     # kohya's LoRA with conv layers (the main job's LoRA), rank 8, on batches of at least 20 draws: on the demo's 3
     # photos 0.62 in its 400 steps at 5e-3 (batches of 42 in the world pretrained on 64-image steps: 0.67, and 2e-2
     # diverged, 0.06 after 600), where the attention LoRA reaches 0.40 in 600: the convolutions hold the fine detail.
-    # In the proving ground's default world it reaches partial memorisation (0.4) on 4 of 4 concepts in 50-225 steps.
+    # In the proving ground's default world it reaches partial memorisation (0.4) on 8 of 8 pairs in 50-250 steps.
     "locon": {name: FineTuneSettings(400, 5e-3, rank=8, target_memorisation=target, min_batch=20,
                                        cosine_decay=True, lora_layers="locon")
               for name, target in MEMORISATION_TARGETS.items()},
