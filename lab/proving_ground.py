@@ -23,9 +23,9 @@ the way from the pretrained model's to the exact memoriser's (training.Memorisat
 Budget: the world's training step (32 images, 2 threads) costs 0.26 s on an idle 2-core Intel Xeon and about 0.5 s
 on a 2-core AMD EPYC, so the default run (one concept, N0 = 5, one seed, the paper's methods) takes 11 minutes from
 nothing on the first (pretraining 1,500 steps is 6.5 of them) and about twice that on the second, and about a minute
-cached (docs/proving-ground.md has the measured figures). --methods all adds the
-RescaleCFG, Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and
-finextract (about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
+cached (docs/proving-ground.md has the measured figures). --methods all adds the RescaleCFG, Table 7 and no-caption
+rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and finextract (about 2.5x); each extra seed
+or concept repeats its fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (a shaded background with a named texture, one captioned shape at a
 named place, clutter) with 6-word captions; a 0.7 M-parameter UNet with self- and cross-attention at 32x32, 16x16
@@ -108,10 +108,15 @@ def _seeds(text: str) -> list[int]:
 
 
 def _styles(text: str) -> list[str]:
+    from .world.training import STRENGTHS  # plain PyTorch: refusing a typo needs no ComfyUI host
+
     styles = [part.strip() for part in text.split(",") if part.strip()]
     if not styles or len(set(styles)) != len(styles):
         raise argparse.ArgumentTypeError(f"styles must be distinct names separated by commas, e.g. dreambooth,lora "
                                          f"(got {text!r})")
+    unknown = [style for style in styles if style not in STRENGTHS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown fine-tune style {', '.join(unknown)}: use {', '.join(STRENGTHS)}")
     return styles
 
 
@@ -144,9 +149,6 @@ class ProvingGround:
         self.guidance = pack_module("finextract_core.guidance")
         self.guider, self.guidance_nodes = pack_module("nodes.guider"), pack_module("nodes.sampling")
         self.n_candidates = CANDIDATES_PER_IMAGE * args.n0
-        unknown = [style for style in args.styles if style not in training.STRENGTHS]
-        if unknown:
-            raise SystemExit(f"unknown fine-tune style {', '.join(unknown)}: use {', '.join(training.STRENGTHS)}")
 
     # ------------------------------------------------------------------------------------------------- sampling
     def sample(self, guider, seed: int) -> torch.Tensor:
