@@ -41,7 +41,7 @@ def encode_captions(text_encoder: TextEncoder, captions: list[str]) -> torch.Ten
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    steps: int = 1500  # about 12 minutes on an idle 2-core CPU
+    steps: int = 1000  # about 6 minutes on an idle 2-core CPU, 11 on the slower one (the proving ground's budget)
     # A step's cost grows with its images (about 15 ms each here, fwd + bwd): 32 keeps the proving ground's world and
     # the main job's within their budgets, where 64 doubled them.
     batch: int = 32
@@ -163,17 +163,18 @@ class FineTuneSettings:
 # the target. Steps are per batch and are a cap; a fine-tune that cannot reach its target in them says so in its
 # record. Rates are the highest measured to stay stable, so that targets are reached within the CPU budget.
 # The LoRA (rank 8 on the attention projections, the paper's diffusers LoRA) trains on batches of at least 40 draws
-# (each image repeated) with a cosine-decayed rate: on 5 photos in the format-4 world pretrained 1,000 steps it
-# reaches 0.32 after 600 steps where one draw per image at a constant 5e-3 reached 0.19 (and diverged at 1e-2); on 3
-# photos in the demo's world 0.40 (batches of 24 at the same rate diverged). The full fine-tune reaches 0.40 after
-# 400 steps. The attention LoRA reaches partial memorisation (0.4) on some concepts within its cap, not on all: in the
-# default world (1,500 steps of 32 images) on 2 of 8 concept-seed pairs, 0.34 on average; a 1,500-step cap at 2e-2
-# diverged.
+# (each image repeated) with a cosine-decayed rate: one draw per image at a constant rate had too noisy a gradient
+# (0.19 after 600 steps where the repeats reach 0.32, in a world before). Its rate is 1e-2 since the world's 32x32
+# level has 32 channels (2e-2 diverged there after 200 steps), and its cap 800: with a 600-step cap it reached
+# 0.384-0.400 on concepts 0, 2 and 3 of the default photos, with 800 concept 0 passes 0.4 after 625. With 16 channels
+# at 32x32 it stopped at 0.29-0.35 on 6 of 8 pairs, and neither a full-rank adapter nor a doubled cap reached 0.4;
+# most of what it missed lay at the smallest noise levels, where an image's fine detail is: the world's width at 32x32,
+# not the adapter, set the limit.
 MEMORISATION_TARGETS = {"light": 0.2, "partial": 0.4, "saturated": 0.7}
 STRENGTHS = {
     "dreambooth": {name: FineTuneSettings(1500, 5e-4, target_memorisation=target)
                    for name, target in MEMORISATION_TARGETS.items()},
-    "lora": {name: FineTuneSettings(600, 2e-2, rank=8, target_memorisation=target, min_batch=40,
+    "lora": {name: FineTuneSettings(800, 1e-2, rank=8, target_memorisation=target, min_batch=40,
                                       cosine_decay=True)
              for name, target in MEMORISATION_TARGETS.items()},
     # kohya's LoRA with conv layers (the main job's LoRA), rank 8, on batches of at least 20 draws: on the demo's 3

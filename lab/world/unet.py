@@ -29,7 +29,11 @@ DATA_VARIANCE = 0.25
 @dataclass(frozen=True)
 class UNetConfig:
     image_channels: int = 3
-    channels: tuple[int, ...] = (16, 32, 64)  # at 32x32, 16x16, 8x8
+    # Channels at 32x32, 16x16, 8x8. The full resolution is as wide as the next, so that its attention (two heads) has
+    # room for an image's fine detail, where most of the memorisation gap lies: an attention-only LoRA closes 0.38 of
+    # the way to the memoriser in 600 steps against 0.27 with 16 channels (500 pretraining steps each), and a higher
+    # rank did not help the narrow world.
+    channels: tuple[int, ...] = (32, 32, 64)
     context_dim: int = 64
     head_channels: int = 16  # channels per attention head (SD 2.x's num_head_channels)
     # Self-attention per level reads its keys and values from a k x k average-pooled copy of its tokens (1: all of
