@@ -248,18 +248,20 @@ class ProvingGround:
                 "exhaustive_best": [recovered.exhaustive_best[0], round(recovered.exhaustive_best[1], 4)],
                 "seconds": round(time.perf_counter() - started, 1)}
 
-    def run(self) -> dict:
+    def run(self, paths: list[list[str]]) -> dict:
+        """Every method on every concept (``paths``: N0 image files per concept) and seed; the report."""
         args, started = self.args, time.perf_counter()
         world_started = time.perf_counter()
         if args.world and os.path.exists(os.path.join(args.world, self.store.SPEC_FILE)):
-            world = self.store.load(args.world)  # any built world, whatever its spec
+            try:
+                world = self.store.load(args.world)  # any built world, whatever its spec
+            except ValueError as error:
+                raise SystemExit(f"--world {args.world}: {error}") from None
         else:
             spec = self.store.WorldSpec(seed=args.world_seed)
             world = self.store.build_or_load(args.world or os.path.join(REPO_ROOT, "cache", "world", spec.digest()), spec)
         world_seconds = time.perf_counter() - world_started
         folder, spec = world.folder, world.spec
-        files = self.data.list_images(args.images) if args.images else self.data.default_image_paths()
-        paths = self.data.split_concepts(files, args.concepts, args.n0)
         pretrained, text_encoder = self.world_nodes.WorldLoader.execute(folder, "").args
         encode = lambda caption: self.world_nodes.WorldTextEncode.execute(text_encoder, caption).args[0]  # noqa: E731
         empty = encode("")
@@ -425,11 +427,24 @@ def draw_figure(concepts: list[dict], path: str, scale: int = 2) -> None:
     canvas.save(path)
 
 
+def concept_image_paths(args: argparse.Namespace) -> list[list[str]]:
+    """N0 image files per concept, checked before the host loads and the world trains, so that a wrong folder is
+    refused in seconds."""
+    from .world import data  # plain Python and PIL: no ComfyUI needed
+
+    try:
+        files = data.list_images(args.images) if args.images else data.default_image_paths()
+        return data.split_concepts(files, args.concepts, args.n0)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--images {args.images or '(the default images)'}: {error}") from None
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    paths = concept_image_paths(args)
     os.makedirs(args.out, exist_ok=True)
-    report, concepts = ProvingGround(args).run()
+    report, concepts = ProvingGround(args).run(paths)
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(strip_tensors(report), handle, indent=2)
     draw_figure(concepts, os.path.join(args.out, "extraction.png"))

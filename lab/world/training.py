@@ -22,7 +22,12 @@ from .schedule import Schedule
 from .unet import Downsample, ResBlock, SpatialTransformer, Upsample, WorldUNet
 
 LOG = logging.getLogger("finextract.world")
-torch_threads = pack_module("finextract_core.threads").torch_threads
+
+
+def torch_threads(count: int):
+    """The pack's thread-count context, looked up when training starts: importing this module (to read STRENGTHS, as
+    the proving ground's argument parser does) must not import the pack's core before the ComfyUI host is loaded."""
+    return pack_module("finextract_core.threads").torch_threads(count)
 
 
 def diffusion_loss(unet: WorldUNet, images: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,

@@ -3,6 +3,8 @@ every method, caption recovery and the Table 7 rows; the same seeds give the sam
 a second seed."""
 import dataclasses
 import json
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -15,6 +17,7 @@ from lab import proving_ground
 from lab.world import store, training
 from lab.world.caption import WORD_IDS
 from lab.world.text import tokenize
+from tools.host.comfy_server import REPO_ROOT
 
 N0 = 2
 STYLES = ("dreambooth", "lora", "locon")
@@ -151,3 +154,37 @@ def test_a_relative_world_folder_is_taken_from_the_working_directory(tmp_path, m
     monkeypatch.chdir(tmp_path)
     assert proving_ground.parse_args(["--world", "cache/world/x"]).world == str(tmp_path / "cache" / "world" / "x")
     assert proving_ground.parse_args([]).world is None
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess:
+    """``python -m lab.proving_ground`` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "lab.proving_ground", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def save_noise_images(folder, count: int) -> None:
+    folder.mkdir()
+    for index in range(count):
+        pixels = np.random.default_rng(index).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+
+
+def test_the_command_refuses_too_few_images_before_it_builds_a_world(tmp_path):
+    save_noise_images(tmp_path / "images", 1)
+    done = run_command("--images", str(tmp_path / "images"), "--world", str(tmp_path / "world"),
+                       "--out", str(tmp_path / "out"))
+    assert done.returncode != 0
+    assert "1 concepts x 5 images need 5 images, the folder has 1" in done.stderr
+    assert not (tmp_path / "world").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_command_loads_the_host_first_and_names_a_world_of_another_format(tmp_path):
+    # Reading the fine-tune styles while parsing arguments must not import the pack's core before the host loads.
+    save_noise_images(tmp_path / "images", N0)
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / store.SPEC_FILE).write_text(json.dumps({"spec": {"format_version": 3}}))
+    done = run_command("--images", str(tmp_path / "images"), "--n0", str(N0), "--styles", "dreambooth,lora",
+                       "--world", str(tmp_path / "world"), "--out", str(tmp_path / "out"))
+    assert done.returncode != 0
+    assert "imported as a top-level package" not in done.stderr
+    assert f"--world {tmp_path / 'world'}: world format 3 is not {store.FORMAT_VERSION}: rebuild the world" in done.stderr
