@@ -20,24 +20,23 @@ Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
 the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
 
-Budget: the world's training step (32 images, 2 threads) costs 0.26 s on an idle 2-core Intel Xeon and about 0.5 s
-on a 2-core AMD EPYC, so the default run (one concept, N0 = 5, one seed, the paper's methods) takes 11 minutes from
-nothing on the first (pretraining 1,500 steps is 6.5 of them) and about twice that on the second, and about a minute
-cached (docs/proving-ground.md has the measured figures). --methods all adds the RescaleCFG, Table 7 and no-caption
-rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and finextract (about 2.5x); each extra seed
-or concept repeats its fine-tunes and sampling.
+Budget: the world's training step (32 images, 2 threads) costs about 0.34 s on an idle 2-core Intel Xeon and about
+twice that on a 2-core AMD EPYC, so the default run (one concept, N0 = 5, one seed, the paper's methods) comes to
+about 12 minutes from nothing on the first by its parts (pretraining 1,000 steps is 5.7 of them) and about twice that
+on the second, and a minute or two cached (docs/proving-ground.md has the measured parts). --methods all adds the
+RescaleCFG, Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and
+finextract (about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (a shaded background with a named texture, one captioned shape at a
-named place, clutter) with 6-word captions; a 0.7 M-parameter UNet with self- and cross-attention at 32x32, 16x16
-and 8x8 (SD layer names) and a small transformer text encoder, pretrained for 1,500 steps (lab/world); its weights
-depend on the CPU's float kernels, so figures hold for the machine that built the world. What it can show: whether,
-in a real trained text-to-image model, guiding a fine-tune away from its base (Eq. 13, Eq. 6) makes memorised
-fine-tuning images likelier than direct sampling or CFG on the same seeds, measured with the pack's own sampler,
-clustering and metrics, and whether the caption can be read from the weights. What it cannot show: the paper's
-numbers. The base model is weak, 32x32 leaves little detail for a descriptor, SSCD is replaced by high-pass pixel
-correlation (see lab/world/similarity.py; its chance floors are in every report), the rank-8 LoRA on attention alone
-stops short of partial memorisation here (see training.STRENGTHS), and a few concepts of N0 = 5 make A-ESR move in
-steps of 0.05.
+named place, clutter) with 6-word captions; a 0.8 M-parameter UNet with self- and cross-attention at 32x32, 16x16
+and 8x8 (SD layer names, 32 channels at 32x32) and a small transformer text encoder, pretrained for 1,000 steps
+(lab/world); its weights depend on the CPU's float kernels, so figures hold for the machine that built the world.
+What it can show: whether, in a real trained text-to-image model, guiding a fine-tune away from its base (Eq. 13,
+Eq. 6) makes memorised fine-tuning images likelier than direct sampling or CFG on the same seeds, measured with the
+pack's own sampler, clustering and metrics, and whether the caption can be read from the weights. What it cannot
+show: the paper's numbers. The base model is weak, 32x32 leaves little detail for a descriptor, SSCD is replaced by
+high-pass pixel correlation (see lab/world/similarity.py; its chance floors are in every report), and a few concepts
+of N0 = 5 make A-ESR move in steps of 0.05.
 """
 from __future__ import annotations
 

@@ -185,7 +185,8 @@ STRENGTHS = {
     # kohya's LoRA with conv layers (the main job's LoRA), rank 8, on batches of at least 20 draws: on the demo's 3
     # photos 0.62 in its 400 steps at 5e-3 (batches of 42 in the world pretrained on 64-image steps: 0.67, and 2e-2
     # diverged, 0.06 after 600), where the attention LoRA reaches 0.40 in 600: the convolutions hold the fine detail.
-    # In the proving ground's default world it reaches partial memorisation (0.4) on 8 of 8 pairs in 50-250 steps.
+    # It reached partial memorisation (0.4) on 8 of 8 pairs in 50-250 steps in the proving ground's narrow world, and
+    # on concept 0 after 125 steps in the wide one.
     "locon": {name: FineTuneSettings(400, 5e-3, rank=8, target_memorisation=target, min_batch=20,
                                        cosine_decay=True, lora_layers="locon")
               for name, target in MEMORISATION_TARGETS.items()},
