@@ -23,15 +23,20 @@ N0 = 2
 STYLES = ("dreambooth", "lora", "locon")
 
 
+def save_noise_images(folder, count: int) -> None:
+    """``count`` noise PNGs named 0.png, 1.png, ...: 40x48, not square, so loading crops and resizes them."""
+    folder.mkdir()
+    for index in range(count):
+        pixels = np.random.default_rng(index).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+
+
 @pytest.fixture(scope="module")
 def runs(host, tmp_path_factory):
     root = tmp_path_factory.mktemp("proving_ground")
     store.build_or_load(str(root / "world"), TINY)
     images = root / "images"
-    images.mkdir()
-    for index, seed in enumerate((0, 1, 2)):  # a third file that the split leaves out
-        pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / f"{index}.png")
+    save_noise_images(images, N0 + 1)  # a third file that the split leaves out
     # Short caps keep the test quick; the rule (train to a memorisation target) is the one the defaults use.
     saved = training.STRENGTHS
     training.STRENGTHS = {style: {name: dataclasses.replace(settings, steps=50) for name, settings in by_name.items()}
@@ -160,13 +165,6 @@ def run_command(*args: str) -> subprocess.CompletedProcess:
     """``python -m lab.proving_ground`` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "lab.proving_ground", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
-
-
-def save_noise_images(folder, count: int) -> None:
-    folder.mkdir()
-    for index in range(count):
-        pixels = np.random.default_rng(index).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index}.png")
 
 
 def test_the_command_refuses_too_few_images_before_it_builds_a_world(tmp_path):
