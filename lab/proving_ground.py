@@ -20,12 +20,12 @@ Fine-tuning strength (--strength light|partial|saturated, the paper's lambda) is
 the fine-tuned model alone: training stops once its denoising loss on the training images has gone 20 / 40 / 70 % of
 the way from the pretrained model's to the exact memoriser's (training.MemorisationProbe), within a step cap.
 
-Budget: the world's training step (32 images, 2 threads) costs about 0.34 s on an idle 2-core Intel Xeon and about
-twice that on a 2-core AMD EPYC, so the default run (one concept, N0 = 5, one seed, the paper's methods) comes to
-about 12 minutes from nothing on the first by its parts (pretraining 1,000 steps is 5.7 of them) and about twice that
-on the second, and a minute or two cached (docs/proving-ground.md has the measured parts). --methods all adds the
-RescaleCFG, Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and
-finextract (about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
+Budget: the world's training step (32 images, 2 threads) costs about 0.34 s on an idle 2-core Intel Xeon, 0.46 s on
+a 2-core AMD EPYC with AVX-512 and about twice the Intel's on one without. The default run (one concept, N0 = 5, one
+seed, the paper's methods) took 16 minutes from nothing on the AMD EPYC with AVX-512, host built (pretraining 1,000
+steps is 7.7 of them), and 2.2 cached; docs/proving-ground.md has its parts. --methods all adds the RescaleCFG,
+Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and finextract
+(about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
 
 What the world is: 32x32 RGB procedural images (a shaded background with a named texture, one captioned shape at a
 named place, clutter) with 6-word captions; a 0.8 M-parameter UNet with self- and cross-attention at 32x32, 16x16
