@@ -23,7 +23,7 @@ the way from the pretrained model's to the exact memoriser's (training.Memorisat
 Budget: the world's training step (32 images, 2 threads) costs about 0.34 s on an idle 2-core Intel Xeon, 0.46 s on
 a 2-core AMD EPYC with AVX-512 and about twice the Intel's on one without. The default run (one concept, N0 = 5, one
 seed, the paper's methods) took 16 minutes from nothing on the AMD EPYC with AVX-512, host built (pretraining 1,000
-steps is 7.7 of them), and 2.2 cached; docs/proving-ground.md has its parts. --methods all adds the RescaleCFG,
+steps is 7.7 of them), and 2.2 minutes cached; docs/proving-ground.md has its parts. --methods all adds the RescaleCFG,
 Table 7 and no-caption rows (about 3x the sampling time), --scales 1.5,2,3,5 a w' sweep for cfg and finextract
 (about 2.5x); each extra seed or concept repeats its fine-tunes and sampling.
 
